@@ -1,0 +1,197 @@
+"""The CCA attention op (`cca_attention`), full causal attention, and the `CCAAttention` layer.
+
+`cca_attention` checks its arguments before any compute and dispatches to one
+implementation of the same function (SPEC.md):
+
+- "reference": the readable dense definition in `cca_jax.reference` (small L only);
+- "xla": blocked jnp in `cca_jax.blocked`, never an `L x L` array, any backend;
+- "auto": the fastest implementation available for the inputs and backend.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cca_jax import blocked, reference
+from cca_jax.rope import RotaryEmbedding, apply_rope, normalize_rope_scaling
+
+CCA_IMPLEMENTATIONS = ("auto", "reference", "xla")
+CAUSAL_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
+ATTENTION_KINDS = ("cca", "full")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_qkv(q, k, v, scale) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have shape [batch, length, heads, head_dim], "
+                             f"got shape {getattr(x, 'shape', type(x).__name__)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (B, L, H, d), (Bk, Lk, Hkv, dk) = q.shape, k.shape
+    if (B, L) != (Bk, Lk):
+        raise ValueError(f"q and k must agree in batch and length, got q {q.shape} and k {k.shape}")
+    if d != dk:
+        raise ValueError(f"q and k must have the same head_dim, got {d} and {dk}")
+    if L < 1 or H < 1 or Hkv < 1:
+        raise ValueError(f"length and head counts must be >= 1, got q {q.shape}, k {k.shape}")
+    if H % Hkv:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number "
+                         f"of key/value heads ({Hkv})")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not scale > 0 or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def _check_implementation(implementation: str, allowed: tuple[str, ...]) -> None:
+    if implementation not in allowed:
+        raise ValueError(f"implementation must be one of {', '.join(map(repr, allowed))}, "
+                         f"got {implementation!r}")
+
+
+def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | None = None,
+                  implementation: str = "auto", interpret: bool = False):
+    """Core Context Aware attention (SPEC.md), differentiable in q, k and v.
+
+    Args:
+      q: queries after RoPE, [B, L, H, d].
+      k, v: keys (after RoPE) and values, [B, L, Hkv, d], with H % Hkv == 0.
+      group_size: g, tokens pooled into one core token (>= 1).
+      window_size: w, the minimum raw local window (>= 1; need not divide by g).
+      scale: softmax scale, default 1/sqrt(d).
+      implementation: "auto", "reference" or "xla".
+      interpret: run kernels in interpret mode (only meaningful for kernel implementations).
+    Returns:
+      [B, L, H, d] in q.dtype.
+    """
+    _check_positive_int("group_size", group_size)
+    _check_positive_int("window_size", window_size)
+    _check_qkv(q, k, v, scale)
+    _check_implementation(implementation, CCA_IMPLEMENTATIONS)
+    del interpret  # no kernel implementation yet
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if implementation == "reference":
+        return reference.cca_reference(q, k, v, group_size=group_size,
+                                       window_size=window_size, scale=scale)
+    return blocked.cca_blocked(q, k, v, group_size=group_size, window_size=window_size,
+                               scale=scale)
+
+
+def _cudnn_supported(q) -> bool:
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+
+
+def causal_attention(q, k, v, *, scale: float | None = None, implementation: str = "auto"):
+    """Full causal softmax attention with GQA, same layout as `cca_attention`.
+
+    "auto" uses cuDNN on a GPU for bf16/fp16 inputs and the blocked jnp path elsewhere
+    (memory O(chunk * L), never an L x L array). "cudnn" raises if cuDNN cannot run.
+    """
+    _check_qkv(q, k, v, scale)
+    _check_implementation(implementation, CAUSAL_IMPLEMENTATIONS)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if implementation == "auto":
+        implementation = "cudnn" if _cudnn_supported(q) else "xla"
+    if implementation == "cudnn":
+        if not _cudnn_supported(q):
+            raise ValueError("implementation='cudnn' needs a GPU backend, bf16/fp16 inputs and "
+                             f"head_dim <= 128 (multiple of 8); got backend "
+                             f"{jax.default_backend()!r}, dtype {q.dtype}, head_dim {q.shape[-1]}")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                            implementation="cudnn")
+    if implementation == "reference":
+        return reference.causal_reference(q, k, v, scale=scale)
+    return blocked.causal_blocked(q, k, v, scale=scale)
+
+
+def check_attention_kind(attention: str) -> None:
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+
+
+class CCAAttention(nnx.Module):
+    """A drop-in attention layer for NNX decoders: q/k/v/o projections, GQA, RoPE, and
+    either CCA attention (`attention="cca"`) or full causal attention (`"full"`).
+
+    Parameter names follow Hugging Face LLaMA (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
+    kernels stored `[in, out]`), so converted weights map one to one.
+
+    Call: `layer(x, positions=None)` with x `[B, L, hidden_size]`; positions `[B, L]`
+    integers (default 0..L-1). Returns `[B, L, hidden_size]` in `dtype`.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, *, attention: str = "cca", group_size: int = 16,
+                 window_size: int = 1024, rope_theta: float = 10000.0, rope_scaling=None,
+                 max_position_embeddings: int = 2048, qkv_bias: bool = False,
+                 out_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 implementation: str = "auto", rngs: nnx.Rngs):
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                            ("group_size", group_size), ("window_size", window_size)):
+            _check_positive_int(name, value)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
+                                 f"({num_heads}) unless head_dim is given")
+            head_dim = hidden_size // num_heads
+        _check_positive_int("head_dim", head_dim)
+        check_attention_kind(attention)
+        _check_implementation(implementation, CCA_IMPLEMENTATIONS)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.attention, self.implementation = attention, implementation
+        self.group_size, self.window_size = group_size, window_size
+        self.dtype = dtype
+        self.rope = RotaryEmbedding(head_dim, float(rope_theta),
+                                    normalize_rope_scaling(rope_scaling)
+                                    if not isinstance(rope_scaling, tuple) else rope_scaling,
+                                    max_position_embeddings)
+
+        def linear(n_in, n_out, bias):
+            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+
+        self.q_proj = linear(hidden_size, num_heads * head_dim, qkv_bias)
+        self.k_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias)
+        self.v_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias)
+        self.o_proj = linear(num_heads * head_dim, hidden_size, out_bias)
+
+    def project_qkv(self, x, positions=None):
+        """q [B, L, H, d], k and v [B, L, Hkv, d], with RoPE applied to q and k."""
+        B, L, _ = x.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
+        cos, sin = self.rope.cos_sin(positions, q.dtype, seq_len=L)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x, positions=None):
+        B, L, _ = x.shape
+        q, k, v = self.project_qkv(x, positions)
+        if self.attention == "cca":
+            out = cca_attention(q, k, v, group_size=self.group_size,
+                                window_size=self.window_size, implementation=self.implementation)
+        else:
+            out = causal_attention(q, k, v, implementation=self.implementation)
+        return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))

@@ -1,0 +1,99 @@
+"""CCA attention in blocked jnp (the `"xla"` implementation): no `L x L` array anywhere.
+
+Queries are processed in chunks of `chunk_size`. A chunk starting at `m0` sees the core
+tokens `j < c(m0 + chunk - 1)` and raw keys from `c(m0) * g` to its last query, a span of at
+most `chunk + w + g - 1` keys, so each chunk needs memory O(chunk * (L/g + w + chunk)).
+Chunks run in a `lax.scan` whose body is rematerialised in the backward pass, so gradients
+take the same memory. This is the fallback wherever no Pallas kernel applies; with no core
+tokens and a window spanning the sequence it is also the memory-lean causal attention.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from cca_jax.reference import compute_dtype, pool_core_tokens
+from kernels.visibility import visible_core_count
+
+DEFAULT_CHUNK_SIZE = 512
+
+
+def _einsum(equation, a, b):
+    """Matrix product accumulated in float32 (full precision for float32 operands)."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    out_type = compute_dtype(jnp.result_type(a, b))
+    return jnp.einsum(equation, a, b, precision=precision, preferred_element_type=out_type)
+
+
+def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scale, chunk_size):
+    """Shared engine: softmax over [visible core ; raw window] for each query chunk.
+
+    core_k/core_v: [B, C, H, d] (C may be 0). Returns [B, L, H, d] in q.dtype.
+    """
+    B, L, H, d = q.shape
+    Hkv = k.shape[2]
+    r = H // Hkv
+    C = core_k.shape[1]
+    g, w = group_size, window_size
+    Q = max(1, min(chunk_size, L))
+    n_chunks = math.ceil(L / Q)
+    Lp = n_chunks * Q
+    pad = [(0, 0), (0, Lp - L), (0, 0), (0, 0)]
+    q_chunks = jnp.pad(q, pad).reshape(B, n_chunks, Q, Hkv, r, d).swapaxes(0, 1)
+    k_pad, v_pad = jnp.pad(k, pad), jnp.pad(v, pad)
+    # Widest raw span a chunk can need (SPEC 2: the window holds < w + g keys per query).
+    R = min(Q + w + g - 1, Lp)
+    core_k5 = core_k.reshape(B, C, Hkv, r, d)
+    core_v5 = core_v.reshape(B, C, Hkv, r, d)
+    ct = compute_dtype(q.dtype)
+
+    def one_chunk(args):
+        index, q_chunk = args
+        first = index * Q
+        # Clamping keeps the slice in bounds; positions below are taken from the clamped
+        # start, so the masks stay exact whatever the clamp did.
+        start = jnp.clip(visible_core_count(first, g, w) * g, 0, Lp - R)
+        k_raw = jax.lax.dynamic_slice_in_dim(k_pad, start, R, axis=1)
+        v_raw = jax.lax.dynamic_slice_in_dim(v_pad, start, R, axis=1)
+        m = first + jnp.arange(Q)
+        n = start + jnp.arange(R)
+        visible = visible_core_count(m, g, w)
+        raw_mask = (n[None, :] >= visible[:, None] * g) & (n[None, :] <= m[:, None])
+        core_mask = jnp.arange(C)[None, :] < visible[:, None]
+
+        raw_scores = _einsum("bqkrd,bnkd->bkrqn", q_chunk, k_raw) * scale
+        core_scores = _einsum("bqkrd,bckrd->bkrqc", q_chunk, core_k5) * scale
+        scores = jnp.concatenate([jnp.where(core_mask, core_scores, -jnp.inf),
+                                  jnp.where(raw_mask, raw_scores, -jnp.inf)], axis=-1)
+        # float32 softmax; probabilities in the value dtype for the value product, as in
+        # flash attention (no change for float32 inputs).
+        probs = jax.nn.softmax(scores.astype(ct), axis=-1).astype(v.dtype)
+        out = (_einsum("bkrqc,bckrd->bqkrd", probs[..., :C], core_v5)
+               + _einsum("bkrqn,bnkd->bqkrd", probs[..., C:], v_raw))
+        return out.astype(q.dtype)
+
+    out = jax.lax.map(jax.checkpoint(one_chunk), (jnp.arange(n_chunks), q_chunks))
+    return out.swapaxes(0, 1).reshape(B, Lp, H, d)[:, :L]
+
+
+def cca_blocked(q, k, v, *, group_size: int, window_size: int, scale: float,
+                chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """CCA attention (SPEC.md) in query chunks; same function as `cca_reference`."""
+    L = q.shape[1]
+    # Only groups that some query can see are pooled: c(L - 1) of them.
+    n_visible = visible_core_count(L - 1, group_size, window_size)
+    core_k, core_v = pool_core_tokens(q, k, v, group_size=group_size, scale=scale,
+                                      num_groups=n_visible)
+    return _chunked_attention(q, k, v, core_k.astype(q.dtype), core_v.astype(q.dtype),
+                              group_size=group_size, window_size=window_size, scale=scale,
+                              chunk_size=chunk_size)
+
+
+def causal_blocked(q, k, v, *, scale: float, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Causal attention in query chunks (memory O(chunk * L), never L x L)."""
+    B, L, H, d = q.shape
+    no_core = jnp.zeros((B, 0, H, d), q.dtype)
+    return _chunked_attention(q, k, v, no_core, no_core, group_size=1, window_size=L,
+                              scale=scale, chunk_size=chunk_size)
