@@ -1,0 +1,201 @@
+"""LLaMA-family decoder in Flax NNX whose attention is CCA or full causal attention.
+
+`LlamaConfig` is a frozen (hashable) dataclass; `LlamaForCausalLM(config, rngs=...)` maps
+`input_ids [B, L]` to float32 logits `[B, L, vocab]`. Layer and parameter names mirror
+Hugging Face's `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj` becomes
+`layers[N].self_attn.q_proj.kernel`, stored `[in, out]`), so converting weights is a rename
+plus a transpose. Qwen2-style q/k/v biases are supported through `attention_bias`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cca_jax.attention import (CCA_IMPLEMENTATIONS, CCAAttention, check_attention_kind,
+                               _check_positive_int)
+from cca_jax.rope import normalize_rope_scaling
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+def to_jnp_dtype(name: str, argument: str = "dtype"):
+    if name not in DTYPES:
+        raise ValueError(f"{argument} must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture plus attention choice. Sizes default to a tiny test model."""
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None  # normalised, hashable; see rope.normalize_rope_scaling
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False       # bias on q/k/v projections
+    attention_out_bias: bool = False   # bias on o_proj (LLaMA's attention_bias sets both)
+    mlp_bias: bool = False
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple | None = None
+    # How attention is computed (not part of the pretrained architecture):
+    attention: str = "full"
+    group_size: int = 16
+    window_size: int = 1024
+    attention_implementation: str = "auto"
+    dtype: str = "float32"        # compute dtype
+    param_dtype: str = "float32"  # storage dtype of the parameters
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", normalize_rope_scaling(self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "group_size", "window_size",
+                     "max_position_embeddings"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_key_value_heads is not None:
+            _check_positive_int("num_key_value_heads", self.num_key_value_heads)
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a "
+                                 f"multiple of num_key_value_heads ({self.num_key_value_heads})")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        check_attention_kind(self.attention)
+        if self.attention_implementation not in CCA_IMPLEMENTATIONS:
+            raise ValueError(f"attention_implementation must be one of {CCA_IMPLEMENTATIONS}, "
+                             f"got {self.attention_implementation!r}")
+        to_jnp_dtype(self.dtype, "dtype")
+        to_jnp_dtype(self.param_dtype, "param_dtype")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LlamaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, as transformers does."""
+
+    def __init__(self, size: int, eps: float, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * xf.astype(self.dtype)
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        dtype, pdtype = DTYPES[config.dtype], DTYPES[config.param_dtype]
+
+        def linear(n_in, n_out):
+            return nnx.Linear(n_in, n_out, use_bias=config.mlp_bias, dtype=dtype,
+                              param_dtype=pdtype, rngs=rngs)
+
+        self.gate_proj = linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        dtype, pdtype = DTYPES[config.dtype], DTYPES[config.param_dtype]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, pdtype)
+        self.self_attn = CCAAttention(
+            config.hidden_size, config.num_attention_heads, config.kv_heads, config.head_size,
+            attention=config.attention, group_size=config.group_size,
+            window_size=config.window_size, rope_theta=config.rope_theta,
+            rope_scaling=config.rope_scaling,
+            max_position_embeddings=config.max_position_embeddings,
+            qkv_bias=config.attention_bias, out_bias=config.attention_out_bias, dtype=dtype,
+            param_dtype=pdtype, implementation=config.attention_implementation, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype,
+                                                pdtype)
+        self.mlp = LlamaMLP(config, rngs)
+
+    def __call__(self, x, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nnx.Module):
+    """`model(input_ids [B, L], positions=None)` -> float32 logits `[B, L, vocab_size]`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, pdtype = DTYPES[config.dtype], DTYPES[config.param_dtype]
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                      param_dtype=pdtype, rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(config, rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, pdtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
+                                      dtype=dtype, param_dtype=pdtype, rngs=rngs)
+
+    def hidden_states(self, input_ids, positions=None):
+        """Final normalised hidden states [B, L, hidden_size] (before the vocabulary head)."""
+        if getattr(input_ids, "ndim", None) != 2 or not jnp.issubdtype(input_ids.dtype,
+                                                                        jnp.integer):
+            raise ValueError("input_ids must be an integer array of shape [batch, length], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)} "
+                             f"{getattr(input_ids, 'dtype', '')}")
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.norm(x)
+
+    def logits(self, hidden):
+        """float32 logits from hidden states (any leading shape)."""
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(self, input_ids, positions=None):
+        return self.logits(self.hidden_states(input_ids, positions))

@@ -1,0 +1,1 @@
+"""Hugging Face PyTorch <-> cca_jax weight mapping and checkpoint I/O."""
