@@ -31,6 +31,10 @@ def normalize_rope_scaling(scaling: Mapping[str, Any] | None) -> tuple | None:
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_scaling type {rope_type!r} is not supported; "
                          f"supported: {', '.join(ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("rope_scaling: partial_rotary_factor other than 1 is not supported, "
+                         f"got {params['partial_rotary_factor']}")
+    params.pop("partial_rotary_factor", None)
     if rope_type == "default":
         return None
     required = {"linear": ("factor",), "dynamic": ("factor",),

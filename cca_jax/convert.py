@@ -1,0 +1,166 @@
+"""`python -m cca_jax.convert`: Hugging Face LLaMA / Qwen2 directory <-> converted cca_jax dir.
+
+    python -m cca_jax.convert HF_DIR OUT_DIR [--dtype auto|float32|bfloat16] [--check] [--overwrite]
+    python -m cca_jax.convert --to-hf CCA_DIR HF_OUT_DIR [--overwrite]
+
+Only argument parsing and progress messages live here; the mapping is in `convert.hf` and the
+directory format in `convert.checkpoint`. Output directories are written atomically: a failed
+run leaves no OUT_DIR behind. Bad input ends with `error: ...` on stderr and exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DEFAULT_CHECK_TOLERANCE = 1e-4  # relative to max(1, max |logit|)
+
+
+def _size(path: Path) -> str:
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    for unit in ("B", "KB", "MB", "GB"):
+        if total < 1024 or unit == "GB":
+            return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"
+        total /= 1024
+    return ""
+
+
+def _require_new_output(out_dir: Path, overwrite: bool, source: Path) -> None:
+    """Refuse an existing OUT_DIR (unless --overwrite) or OUT_DIR == the input, before work."""
+    if out_dir.expanduser().absolute() == source.expanduser().absolute():
+        raise ValueError(f"output directory {str(out_dir)!r} is the input directory; choose "
+                         "another OUT_DIR")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {str(out_dir)!r} already exists; pass "
+                              "--overwrite to replace it")
+
+
+def hf_to_converted(hf_dir: Path, out_dir: Path, *, dtype: str = "auto",
+                    overwrite: bool = False) -> Path:
+    """Convert an HF directory into our format, printing progress. Returns OUT_DIR."""
+    from convert import hf
+    from convert.checkpoint import save_converted
+
+    start = time.perf_counter()
+    print(f"reading config {hf_dir / 'config.json'}", flush=True)
+    config = hf.llama_config_from_hf(hf.read_hf_config(hf_dir))
+    _require_new_output(out_dir, overwrite, hf_dir)
+    files = hf.weight_files(hf_dir)
+    print(f"reading weights: {', '.join(f.name for f in files)} "
+          f"({sum(f.stat().st_size for f in files) / 2**20:.1f} MB)", flush=True)
+    state_dict = hf.load_hf_state_dict(hf_dir)
+    stored = hf.stored_dtype(state_dict.values())
+    param_dtype = stored if dtype == "auto" else dtype
+    config = config.replace(param_dtype=param_dtype)
+    print(f"converting {len(state_dict)} tensors: {config.model_type}, "
+          f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, heads "
+          f"{config.num_attention_heads}/{config.kv_heads} (q/kv), vocab {config.vocab_size}, "
+          f"tied embeddings {config.tie_word_embeddings}, dtype {stored} -> {param_dtype}",
+          flush=True)
+    params = hf.hf_to_params(state_dict, config, keep_dtype=(dtype == "auto"))
+    del state_dict
+    print(f"writing {out_dir}", flush=True)
+    final = save_converted(out_dir, params, config, tokenizer_src=hf_dir, overwrite=overwrite)
+    print(f"done: {final} ({_size(final)}) in {time.perf_counter() - start:.1f} s", flush=True)
+    return final
+
+
+def converted_to_hf(cca_dir: Path, out_dir: Path, *, overwrite: bool = False) -> Path:
+    """Write a converted directory back as a Hugging Face directory. Returns OUT_DIR."""
+    from convert.checkpoint import load_converted
+    from convert.hf import write_hf_dir
+
+    start = time.perf_counter()
+    print(f"reading {cca_dir}", flush=True)
+    _require_new_output(out_dir, overwrite, cca_dir)
+    config, params = load_converted(cca_dir)
+    print(f"converting {config.model_type}, {config.num_hidden_layers} layers, "
+          f"{config.param_dtype} parameters", flush=True)
+    print(f"writing {out_dir}", flush=True)
+    final = write_hf_dir(out_dir, params, config, tokenizer_src=cca_dir, overwrite=overwrite)
+    print(f"done: {final} ({_size(final)}) in {time.perf_counter() - start:.1f} s", flush=True)
+    return final
+
+
+def check(hf_dir: Path, converted_dir: Path, tolerance: float) -> bool:
+    """Print the max |logit difference| between transformers and us; True if within tolerance."""
+    from convert.hf import compare_with_transformers
+
+    print("check: running transformers (float32, eager attention) and cca_jax (float32, "
+          "full attention) on the same tokens ...", flush=True)
+    start = time.perf_counter()
+    result = compare_with_transformers(hf_dir, converted_dir)
+    print(f"check: max |logit difference| = {result['max_abs_diff']:.3e} over "
+          f"{result['batch']} x {result['length']} tokens ({result['source']}); "
+          f"max |logit| = {result['max_abs_logit']:.2f}; "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    allowed = tolerance * max(1.0, result["max_abs_logit"])
+    ok = result["max_abs_diff"] <= allowed
+    print(f"check: {'ok' if ok else 'FAILED'} (allowed {allowed:.3e} = {tolerance:g} x "
+          "max(1, max |logit|))", flush=True)
+    return ok
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cca_jax.convert",
+        description=(
+            "Convert a Hugging Face LLaMA or Qwen2 model directory (config.json plus "
+            "model.safetensors, sharded safetensors or pytorch_model.bin) into a cca_jax "
+            "directory (cca_config.json, orbax params/, tokenizer files), or back with "
+            "--to-hf. Load the result with cca_jax.from_pretrained(OUT_DIR). The output "
+            "directory is written atomically: on any error nothing is left behind."),
+        epilog=("examples:\n"
+                "  python -m cca_jax.convert ./SmolLM2-hf ./SmolLM2-cca --check\n"
+                "  python -m cca_jax.convert --to-hf ./SmolLM2-cca ./SmolLM2-back"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", metavar="SRC_DIR",
+                        help="HF model directory (or, with --to-hf, a converted directory)")
+    parser.add_argument("out_dir", metavar="OUT_DIR",
+                        help="directory to create (must not exist unless --overwrite)")
+    parser.add_argument("--to-hf", action="store_true",
+                        help="convert a cca_jax directory SRC_DIR back to a Hugging Face "
+                             "directory OUT_DIR (safetensors, config.json, tokenizer)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="parameter dtype to store; 'auto' keeps the dtype of the HF "
+                             "weights, so a round trip is bit-identical (default: auto)")
+    parser.add_argument("--check", action="store_true",
+                        help="after converting, compare our float32 logits with transformers' "
+                             "PyTorch model on a fixed sample and print the max difference "
+                             "(needs torch and transformers)")
+    parser.add_argument("--check-tolerance", type=float, default=DEFAULT_CHECK_TOLERANCE,
+                        metavar="TOL",
+                        help="largest max |logit difference| --check accepts, relative to "
+                             "max(1, max |logit|) (default: %(default)g); above it the exit "
+                             "code is 2")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it already exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    source, out_dir = Path(args.source).expanduser(), Path(args.out_dir).expanduser()
+    if args.to_hf and (args.check or args.dtype != "auto"):
+        parser.error("--check and --dtype apply only to HF -> cca_jax conversion, not --to-hf")
+    try:
+        if args.to_hf:
+            converted_to_hf(source, out_dir, overwrite=args.overwrite)
+            return 0
+        hf_to_converted(source, out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        if args.check and not check(source, out_dir, args.check_tolerance):
+            return 2
+    except KeyError as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

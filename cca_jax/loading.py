@@ -1,0 +1,150 @@
+"""Load a pretrained `LlamaForCausalLM` (and its tokenizer) from a directory.
+
+`from_pretrained` accepts either a directory written by `python -m cca_jax.convert` (our
+format: `cca_config.json` + orbax `params/`) or a Hugging Face LLaMA / Qwen2 directory
+(`config.json` + safetensors or `pytorch_model.bin`), which it converts in memory. The model
+is built abstractly (`nnx.eval_shape`, no random initialisation) and its parameters are
+filled from the stored arrays after every shape has been checked.
+
+The `convert` package is imported lazily, inside the functions, so importing `cca_jax` does
+not import it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cca_jax.llama import DTYPES, LlamaConfig, LlamaForCausalLM
+
+
+def _dtype_name(value, argument: str) -> str | None:
+    """None, or a `LlamaConfig` dtype name from a name or a numpy/jax dtype."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        try:
+            value = np.dtype(value).name
+        except TypeError:
+            raise ValueError(f"{argument} must be one of {', '.join(DTYPES)} or None, got "
+                             f"{value!r}") from None
+    if value not in DTYPES:
+        raise ValueError(f"{argument} must be one of {', '.join(DTYPES)} or None, got {value!r}")
+    return value
+
+
+def _key_name(path) -> str:
+    return ".".join(str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path)
+
+
+def load_params_into(model: LlamaForCausalLM, params: Mapping) -> LlamaForCausalLM:
+    """Replace every parameter of `model` (possibly abstract) by the arrays in `params`.
+
+    `params` is a nested dict like `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; layer
+    keys may be ints or strings. Arrays are cast to the model's parameter dtype. Raises
+    ValueError naming any missing, unexpected or misshapen parameter before anything changes.
+    """
+    state = nnx.state(model, nnx.Param)
+    abstract = nnx.to_pure_dict(state)
+
+    def flat(tree, prefix=()):
+        out = {}
+        for key, value in tree.items():
+            name = prefix + (str(key),)
+            if isinstance(value, Mapping):
+                out.update(flat(value, name))
+            else:
+                out[".".join(name)] = value
+        return out
+
+    given = flat(params)
+    wanted = flat(abstract)
+    missing = sorted(set(wanted) - set(given))
+    extra = sorted(set(given) - set(wanted))
+    if missing or extra:
+        problems = ([f"missing: {', '.join(missing)}"] if missing else []) + (
+            [f"unexpected: {', '.join(extra)}"] if extra else [])
+        raise ValueError(f"stored parameters do not match the model config ({'; '.join(problems)})")
+    for name, leaf in wanted.items():
+        shape = tuple(np.shape(given[name]))
+        if shape != tuple(leaf.shape):
+            raise ValueError(f"parameter {name!r} has shape {shape}, but the config expects "
+                             f"{tuple(leaf.shape)}")
+
+    def fill(path, leaf):
+        return jnp.asarray(given[_key_name(path)], dtype=leaf.dtype)
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, abstract))
+    nnx.update(model, state)
+    return model
+
+
+def _read(path: Path) -> tuple[LlamaConfig, Mapping, str]:
+    """(config, params, stored param dtype name) of a converted or Hugging Face directory."""
+    from convert import hf
+    from convert.checkpoint import is_converted_dir, load_converted
+
+    if is_converted_dir(path):
+        config, params = load_converted(path)
+        return config, params, config.param_dtype
+    config = hf.llama_config_from_hf(hf.read_hf_config(path))
+    state_dict = hf.load_hf_state_dict(path)
+    stored = hf.stored_dtype(state_dict.values())
+    config = config.replace(param_dtype=stored)
+    return config, hf.hf_to_params(state_dict, config, keep_dtype=True), stored
+
+
+def from_pretrained(path: str | os.PathLike, *, attention: str = "full", group_size: int = 16,
+                    window_size: int = 1024, dtype=None, param_dtype=None,
+                    implementation: str = "auto") -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` with pretrained weights from a converted or HF directory.
+
+    Args:
+      path: directory from `python -m cca_jax.convert`, or a Hugging Face model directory.
+      attention: "full" (causal softmax, as pretrained) or "cca".
+      group_size, window_size: CCA's g and w (used when attention="cca").
+      dtype: compute dtype ("float32", "bfloat16", "float16" or a dtype); None keeps the
+        stored config's (float32 for Hugging Face directories).
+      param_dtype: parameter storage dtype; None keeps the dtype the weights are stored in.
+      implementation: attention implementation, "auto", "reference" or "xla".
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{str(path)!r} is not a directory")
+    dtype = _dtype_name(dtype, "dtype")
+    param_dtype = _dtype_name(param_dtype, "param_dtype")
+    # Validate the attention arguments before reading any weights.
+    LlamaConfig(attention=attention, group_size=group_size, window_size=window_size,
+                attention_implementation=implementation)
+    config, params, stored = _read(path)
+    config = config.replace(attention=attention, group_size=group_size,
+                            window_size=window_size, attention_implementation=implementation,
+                            dtype=dtype or config.dtype, param_dtype=param_dtype or stored)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    return load_params_into(model, params)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The Hugging Face tokenizer stored in `path` (local files only, never the hub)."""
+    from convert.hf import TOKENIZER_FILES
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist or is not "
+                                "a directory")
+    tokenizer_files = [n for n in TOKENIZER_FILES
+                       if n not in ("generation_config.json", "chat_template.jinja",
+                                    "chat_template.json") and (path / n).is_file()]
+    if not tokenizer_files:
+        raise FileNotFoundError(f"no tokenizer files in {str(path)!r} (looked for "
+                                "tokenizer.json, tokenizer.model, vocab.json + merges.txt)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

