@@ -25,5 +25,6 @@ def test_xla_forward_backward_at_16k_in_bounded_memory():
                             timeout=600, check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["finite"]
-    # One [L, L] float32 score matrix per head would be 8.6 GB; the blocked path needs ~1 GB.
-    assert report["peak_rss_gb"] < 3.0, report
+    # The dense scores alone ([H, L, L] float32) would be 8.6 GB, and their backward several
+    # times that. The blocked path measured 1-4 GB peak (XLA's CPU scheduling varies).
+    assert report["peak_rss_gb"] < 6.0, report
