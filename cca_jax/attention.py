@@ -5,7 +5,9 @@ implementation of the same function (SPEC.md):
 
 - "reference": the readable dense definition in `cca_jax.reference` (small L only);
 - "xla": blocked jnp in `cca_jax.blocked`, never an `L x L` array, any backend;
-- "auto": the fastest implementation available for the inputs and backend.
+- "pallas": fused Pallas kernels (`kernels/`, Triton on a GPU; `interpret=True` runs the
+  same kernels on the CPU), pooling in jnp, custom VJP with Pallas backward kernels;
+- "auto": "pallas" on a GPU, "xla" elsewhere.
 """
 from __future__ import annotations
 
@@ -18,8 +20,14 @@ from flax import nnx
 
 from cca_jax import blocked, reference
 from cca_jax.rope import RotaryEmbedding, apply_rope, normalize_rope_scaling
+from kernels.cca_attention import cca_attention_pallas
+from kernels.visibility import visible_core_count
 
-CCA_IMPLEMENTATIONS = ("auto", "reference", "xla")
+# Logical axis names of parameters and activations. `train/sharding.py` holds the one table
+# that maps them to mesh axes; without a mesh they are inert metadata.
+LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp")
+
+CCA_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 CAUSAL_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
 ATTENTION_KINDS = ("cca", "full")
 
@@ -73,8 +81,8 @@ def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | 
       group_size: g, tokens pooled into one core token (>= 1).
       window_size: w, the minimum raw local window (>= 1; need not divide by g).
       scale: softmax scale, default 1/sqrt(d).
-      implementation: "auto", "reference" or "xla".
-      interpret: run kernels in interpret mode (only meaningful for kernel implementations).
+      implementation: "auto", "reference", "xla" or "pallas".
+      interpret: run the Pallas kernels in interpret mode (CPU); only with "pallas".
     Returns:
       [B, L, H, d] in q.dtype.
     """
@@ -82,13 +90,33 @@ def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | 
     _check_positive_int("window_size", window_size)
     _check_qkv(q, k, v, scale)
     _check_implementation(implementation, CCA_IMPLEMENTATIONS)
-    del interpret  # no kernel implementation yet
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if implementation == "auto":
+        implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if implementation == "pallas":
+        if not interpret and jax.default_backend() != "gpu":
+            raise ValueError("implementation='pallas' needs a GPU backend (Triton); on "
+                             f"{jax.default_backend()!r} pass interpret=True or use 'xla'")
+        return _cca_pallas(q, k, v, group_size=group_size, window_size=window_size,
+                           scale=scale, interpret=interpret)
+    if interpret:
+        raise ValueError(f"interpret=True only applies to implementation='pallas', "
+                         f"got {implementation!r}")
     if implementation == "reference":
         return reference.cca_reference(q, k, v, group_size=group_size,
                                        window_size=window_size, scale=scale)
     return blocked.cca_blocked(q, k, v, group_size=group_size, window_size=window_size,
                                scale=scale)
+
+
+def _cca_pallas(q, k, v, *, group_size, window_size, scale, interpret):
+    """Pooling (jnp, differentiable) then the fused Pallas attention kernels."""
+    n_visible = visible_core_count(q.shape[1] - 1, group_size, window_size)
+    core_k, core_v = reference.pool_core_tokens(q, k, v, group_size=group_size, scale=scale,
+                                                num_groups=n_visible)
+    return cca_attention_pallas(q, k, v, core_k.astype(q.dtype), core_v.astype(q.dtype),
+                                group_size=group_size, window_size=window_size, scale=scale,
+                                interpret=interpret)
 
 
 def _cudnn_supported(q) -> bool:
@@ -117,6 +145,60 @@ def causal_attention(q, k, v, *, scale: float | None = None, implementation: str
     if implementation == "reference":
         return reference.causal_reference(q, k, v, scale=scale)
     return blocked.causal_blocked(q, k, v, scale=scale)
+
+
+def partitioned(initializer, logical_axes: tuple[str | None, ...]):
+    """`initializer` whose parameter carries logical axis names (one per dimension).
+
+    The names are metadata only (`eager_sharding=False`): creating the parameter never needs
+    a mesh. A trainer turns them into shardings with its rules table (`train/sharding.py`).
+    """
+    return nnx.with_partitioning(initializer, tuple(logical_axes), eager_sharding=False)
+
+
+def _mesh_axes_for(rules: dict, logical: str, mesh, size: int) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) that `logical` maps to, if they divide `size`; else ()."""
+    target = rules.get(logical)
+    if target is None:
+        return ()
+    names = (target,) if isinstance(target, str) else tuple(target)
+    names = tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+    total = math.prod(mesh.shape[n] for n in names)
+    return names if names and size % total == 0 else ()
+
+
+def attention_per_shard(attend, q, k, v):
+    """Run `attend(q, k, v)` once per shard with `jax.shard_map` when a mesh is active.
+
+    Active means: a mesh set with `jax.set_mesh` and logical axis rules set with
+    `nnx.logical_axis_rules` (as `train/` does). q [B, L, H, d] and k, v [B, L, Hkv, d] are
+    split over batch along the mesh axes of the logical axis "batch" and over heads along
+    those of "heads" (only when both H and Hkv divide: each shard then keeps whole GQA
+    groups). The sequence axis is never split (CCA's pooling needs whole sequences), so each
+    device runs the unchanged op (XLA or Pallas) on its own [B/n, L, H/t, d] block and no
+    custom partitioning rule for the Pallas kernel is needed. Without a mesh, or when no
+    axis would be split, `attend` is called directly.
+    """
+    from flax.core import spmd as flax_spmd
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = dict(flax_spmd.get_logical_axis_rules())
+    if mesh is None or mesh.empty or not rules:
+        return attend(q, k, v)
+    batch = _mesh_axes_for(rules, "batch", mesh, q.shape[0])
+    heads = _mesh_axes_for(rules, "heads", mesh, q.shape[2])
+    if heads and _mesh_axes_for(rules, "heads", mesh, k.shape[2]) != heads:
+        heads = ()
+    if not batch and not heads:
+        return attend(q, k, v)
+    spec = jax.sharding.PartitionSpec(batch or None, None, heads or None, None)
+    if hasattr(jax, "shard_map"):
+        # check_vma=False: pallas_call has no varying-manual-axes rule in every jax version.
+        return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=False)(q, k, v)
+    from jax.experimental.shard_map import shard_map  # jax versions before jax.shard_map
+    return shard_map(attend, mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                     check_rep=False)(q, k, v)
 
 
 def check_attention_kind(attention: str) -> None:
@@ -166,14 +248,18 @@ class CCAAttention(nnx.Module):
                                     if not isinstance(rope_scaling, tuple) else rope_scaling,
                                     max_position_embeddings)
 
-        def linear(n_in, n_out, bias):
+        def linear(n_in, n_out, bias, axes):
             return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                              kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
+                              bias_init=partitioned(nnx.initializers.zeros_init(), axes[1:]),
                               rngs=rngs)
 
-        self.q_proj = linear(hidden_size, num_heads * head_dim, qkv_bias)
-        self.k_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias)
-        self.v_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias)
-        self.o_proj = linear(num_heads * head_dim, hidden_size, out_bias)
+        self.q_proj = linear(hidden_size, num_heads * head_dim, qkv_bias, ("embed", "heads"))
+        self.k_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias,
+                             ("embed", "kv_heads"))
+        self.v_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias,
+                             ("embed", "kv_heads"))
+        self.o_proj = linear(num_heads * head_dim, hidden_size, out_bias, ("heads", "embed"))
 
     def project_qkv(self, x, positions=None):
         """q [B, L, H, d], k and v [B, L, Hkv, d], with RoPE applied to q and k."""
@@ -189,9 +275,14 @@ class CCAAttention(nnx.Module):
     def __call__(self, x, positions=None):
         B, L, _ = x.shape
         q, k, v = self.project_qkv(x, positions)
-        if self.attention == "cca":
-            out = cca_attention(q, k, v, group_size=self.group_size,
-                                window_size=self.window_size, implementation=self.implementation)
-        else:
-            out = causal_attention(q, k, v, implementation=self.implementation)
+        out = attention_per_shard(self._attend, q, k, v)
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
+
+    def _attend(self, q, k, v):
+        if self.attention == "cca":
+            return cca_attention(q, k, v, group_size=self.group_size,
+                                 window_size=self.window_size,
+                                 implementation=self.implementation)
+        # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
+        impl = "auto" if self.implementation == "pallas" else self.implementation
+        return causal_attention(q, k, v, implementation=impl)

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+# ../shared/golden beside the checkout; CCA_GOLDEN_DIR overrides it (e.g. on a device machine
+# where only the checkout travels).
+GOLDEN_DIR = Path(os.environ.get("CCA_GOLDEN_DIR")
+                  or Path(__file__).resolve().parents[1].parent / "shared" / "golden")
 
 
 def golden_cases() -> list[str]:

@@ -1,0 +1,128 @@
+"""Forward Pallas kernel of CCA attention (flash-attention-2 style, one fused softmax).
+
+Grid: (query blocks, B, H). The program for query block [m0, m0 + BM) of head h
+
+1. loops over the core blocks j0 < c(m0 + BM - 1) (dynamic trip count; no loop when C = 0),
+2. then over the raw key blocks from the one holding c(m0) * g up to the one holding
+   m0 + BM - 1 (dynamic bounds; every skipped block holds no visible key),
+
+keeping the online-softmax state (running max, running sum, unnormalised output) in float32
+and in the base-2 domain. It writes the output and the base-2 log-sum-exp
+`lse2 = log2(sum_j exp2(s_j))` (float32, [B, H, L]) that the backward kernels reuse.
+
+Each loop is split into segments (cca_common.core_blocks / raw_key_blocks): the blocks in
+which every (query, key) pair is visible (core blocks below c(m0); raw blocks inside
+[c(m0 + BM - 1) * g, m0]) run without a mask; only the boundary blocks build one.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.cca_common import (LOG2E, MASK_VALUE, Static, block_loops, core_blocks, core_mask,
+                                dot, iota, raw_key_blocks, raw_mask, row_visibility)
+
+
+def _online_softmax_step(carry, scores, mask, values, exact):
+    """One key block of the online softmax; `scores` already scaled to base 2; mask None for
+    a block whose keys are all visible to all rows."""
+    acc, m_prev, l_prev = carry
+    if mask is not None:
+        scores = jnp.where(mask, scores, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
+    correction = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(scores - m_next[:, None])
+    l_next = correction * l_prev + jnp.sum(p, axis=1)
+    acc = correction[:, None] * acc + dot(p.astype(values.dtype), values, exact=exact)
+    return acc, m_next, l_next
+
+
+def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
+    if st.has_core:
+        q_ref, k_ref, v_ref, ck_ref, cv_ref, o_ref, lse_ref = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    g, w = st.group_size, st.window_size
+    bq, bk = st.blocks.block_q, st.blocks.block_k
+    exact = st.exact_f32
+
+    m0 = pl.program_id(0) * bq
+    rows = iota(m0, bq)
+    counts, first = row_visibility(rows, g, w)   # c(m) and c(m) * g per row
+    q = q_ref[...]
+    head_dim = q.shape[-1]
+
+    carry = (jnp.zeros((bq, head_dim), jnp.float32),
+             jnp.full((bq,), -jnp.inf, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+
+    if st.has_core:
+        def core_body(masked):
+            def body(jb, carry):
+                j0 = pl.multiple_of(jb * bk, bk)
+                kc = ck_ref[pl.ds(j0, bk), :]
+                vc = cv_ref[pl.ds(j0, bk), :]
+                scores = dot(q, kc, trans_b=True, exact=exact) * st.qk_scale
+                mask = core_mask(counts, iota(j0, bk)) if masked else None
+                return _online_softmax_step(carry, scores, mask, vc, exact)
+            return body
+
+        carry = block_loops(core_blocks(m0, bq, bk, g, w, n_core_blocks), core_body, carry)
+
+    def raw_body(masked):
+        def body(kb, carry):
+            n0 = pl.multiple_of(kb * bk, bk)
+            kr = k_ref[pl.ds(n0, bk), :]
+            vr = v_ref[pl.ds(n0, bk), :]
+            scores = dot(q, kr, trans_b=True, exact=exact) * st.qk_scale
+            mask = raw_mask(rows, first, iota(n0, bk)) if masked else None
+            return _online_softmax_step(carry, scores, mask, vr, exact)
+        return body
+
+    acc, m_i, l_i = block_loops(raw_key_blocks(m0, bq, bk, g, w), raw_body, carry)
+
+    # Every query (padded ones included) sees at least its own raw key, so l_i >= 1.
+    o_ref[...] = (acc / l_i[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m_i + jnp.log(l_i) * LOG2E
+
+
+def cca_forward(q, k, v, core_k, core_v, st: Static):
+    """Padded inputs: q [B, Lp, H, Dp], k/v [B, Lp, Hkv, Dp], core [B, Cp, H, Dp].
+
+    Returns (out [B, Lp, H, Dp] in q.dtype, lse2 [B, H, Lp] float32).
+    """
+    B, Lp, H, Dp = q.shape
+    bq, bk = st.blocks.block_q, st.blocks.block_k
+    r = st.ratio
+    n_core_blocks = core_k.shape[1] // bk if st.has_core else 0
+
+    full_kv = pl.BlockSpec((None, Lp, None, Dp), lambda i, b, h: (b, 0, lax.div(h, r), 0))
+    in_specs = [pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0)),
+                full_kv, full_kv]
+    args = [q, k, v]
+    if st.has_core:
+        Cp = core_k.shape[1]
+        full_core = pl.BlockSpec((None, Cp, None, Dp), lambda i, b, h: (b, 0, h, 0))
+        in_specs += [full_core, full_core]
+        args += [core_k, core_v]
+
+    kernel = functools.partial(_fwd_kernel, st=st, n_core_blocks=n_core_blocks)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(Lp // bq, B, H),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0)),
+                   pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, H, Lp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps,
+                                             num_stages=st.blocks.num_stages),
+        interpret=st.interpret,
+        name="cca_forward",
+    )(*args)
+    return out, lse

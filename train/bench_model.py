@@ -1,0 +1,106 @@
+"""Benchmark a whole model step: forward+backward of a LLaMA-shaped model, CCA vs full.
+
+    python -m train.bench_model [--shape smollm2-135m] [--seq-len 32768] [--dtype bfloat16]
+
+Random weights of the chosen shape, one sequence of `--seq-len` tokens, loss = mean token
+cross-entropy computed in float32 over sequence chunks (no [L, vocab] float32 array
+for the whole sequence at once). Times jitted value_and_grad (median of repeats after
+warm-up) for attention="cca" (Pallas on a GPU) and attention="full" (cuDNN on a GPU).
+A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from cca_jax import LlamaConfig, LlamaForCausalLM
+
+SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=64, tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=131072, rms_norm_eps=1e-5),
+}
+
+
+def chunked_loss(model, tokens, chunk: int = 4096):
+    """Mean next-token cross-entropy, logits formed chunk by chunk in float32."""
+    hidden = model.hidden_states(tokens[:, :-1])
+    targets = tokens[:, 1:]
+    L = hidden.shape[1]
+    total = jnp.zeros((), jnp.float32)
+    for start in range(0, L, chunk):
+        logits = model.logits(hidden[:, start:start + chunk])
+        total += optax.softmax_cross_entropy_with_integer_labels(
+            logits, targets[:, start:start + chunk]).sum()
+    return total / targets.size
+
+
+def time_step(config: LlamaConfig, seq_len: int, repeats: int):
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    @jax.jit
+    def step(params, tokens):
+        return jax.value_and_grad(
+            lambda p: chunked_loss(nnx.merge(graphdef, p), tokens))(params)
+
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, seq_len + 1), 0, config.vocab_size)
+    start = time.perf_counter()
+    loss, grads = step(params, tokens)
+    jax.block_until_ready(grads)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, tokens))
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"loss": float(loss), "step_ms": statistics.median(times), "first_call_s": compile_s,
+            "tokens_per_s": seq_len / (statistics.median(times) / 1e3)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.bench_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--window-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    print(f"device: {jax.devices()[0].device_kind}; shape {args.shape}, L={args.seq_len}, "
+          f"{args.dtype}, g={args.group_size}, w={args.window_size}")
+    results = {}
+    for attention in ("cca", "full"):
+        config = LlamaConfig(**SHAPES[args.shape], attention=attention, dtype=args.dtype,
+                             param_dtype=args.dtype, group_size=args.group_size,
+                             window_size=args.window_size)
+        results[attention] = time_step(config, args.seq_len, args.repeats)
+        r = results[attention]
+        print(f"  {attention:>4}: step {r['step_ms']:.1f} ms ({r['tokens_per_s']:.0f} tokens/s), "
+              f"loss {r['loss']:.4f}, first call {r['first_call_s']:.1f} s", flush=True)
+    speedup = results["full"]["step_ms"] / results["cca"]["step_ms"]
+    print(f"\nforward+backward at L={args.seq_len}: cca {results['cca']['step_ms']:.1f} ms, "
+          f"full {results['full']['step_ms']:.1f} ms, speed-up {speedup:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results, "speedup": speedup}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
