@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from kernels.bench import median_ms
 from kernels.cca_bwd import cca_backward_dcore, cca_backward_dkv, cca_backward_dq
 from kernels.cca_common import BlockSizes, Static, default_block_sizes
 from kernels.cca_fwd import cca_forward
@@ -44,17 +43,6 @@ def candidates():
     }.items():
         out[name] = dataclasses.replace(base, **change)
     return out
-
-
-def median_ms(fn, *args, repeats=10):
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
