@@ -1,15 +1,265 @@
-"""Token generation. For now: greedy decoding that recomputes the whole sequence each step.
+"""Token generation: cached decoding (`generate`, `python -m cca_jax.generate`) and the
+uncached greedy oracle.
+
+`generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
+attention=None)` prefills a `cca_jax.cache.DecodeCache` (the compressed CCA cache of SPEC
+section 5, or a full cache with attention="full") from the prompt in one jitted pass, then
+appends one token per jitted decode step. Shapes are static (the cache is preallocated), so
+each of the two functions compiles once per (batch, prompt width, cache length). Batches of
+prompts of different lengths come with an `attention_mask` (left or right padding).
 
 `greedy_generate_uncached` is jitted once for the final length (positions after the current
 one are padding that causal and CCA attention never look at), so it costs one full forward
 pass per new token. It is the exactness oracle for cached decoding.
+
+Command line (text to stdout, progress and the closing statistics to stderr):
+
+    python -m cca_jax.generate --model PATH (--prompt TEXT | --prompt-file FILE)
+        --max-new-tokens N [--attention cca|full] [--group-size G --window-size W]
+        [--temperature T --top-p P --seed S]
 """
 from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import numbers
+import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from cca_jax.cache import (CacheSpec, cache_bytes_for, decode_step, normalize_padding, prefill,
+                           resolve_decode_implementation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (temperature 0) or nucleus sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (
+                math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_p", float(p))
+
+
+def sample_next_token(logits, key, temperature, top_p):
+    """Next token ids [B] int32 from float32 logits [B, vocab]; temperature and top_p are
+    (traced) scalars, so one compiled step serves every setting. Temperature 0 is greedy
+    (argmax; the sampling branch is not executed)."""
+    logits = logits.astype(jnp.float32)
+
+    def nucleus(scaled):
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        ordered = jnp.sort(scaled, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+    def sample(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        scaled = jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, scaled)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+def _prefill_jit(graphdef, state, input_ids, lengths, key, temperature, top_p, *, spec):
+    logits, cache = prefill(nnx.merge(graphdef, state), spec, input_ids, lengths)
+    token = sample_next_token(logits, jax.random.fold_in(key, 0), temperature, top_p)
+    return token, logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "implementation", "interpret"),
+                   donate_argnames=("cache",))
+def _decode_jit(graphdef, state, cache, tokens, key, step, temperature, top_p, *,
+                implementation, interpret):
+    logits, cache = decode_step(nnx.merge(graphdef, state), cache, tokens,
+                                implementation=implementation, interpret=interpret)
+    token = sample_next_token(logits, jax.random.fold_in(key, step), temperature, top_p)
+    return token, logits, cache
+
+
+def _check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or (
+            max_new_tokens < 0):
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int = 0          # longest prompt in the batch
+    new_tokens: int = 0             # tokens generated per sequence so far
+    compile_s: float = 0.0          # compiling prefill + decode step (not in the timings)
+    prefill_s: float = 0.0          # prefill, first token included
+    decode_s: float = 0.0           # all decode steps (each: call to token on the host)
+    cache_bytes: int = 0            # read from the cache's arrays
+    full_cache_bytes: int = 0       # what a full cache of the same length would allocate
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class CachedGeneration:
+    """One cached generation run, token by token: iterate to get each step's new token ids
+    [B] (numpy int32) as soon as it is known. Everything is validated in the constructor,
+    before any device work; `compile()` (called on first use) compiles both functions."""
+
+    def __init__(self, model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, attention: str | None = None,
+                 attention_mask=None, max_length: int | None = None,
+                 decode_implementation: str = "auto", interpret: bool = False):
+        _check_max_new_tokens(max_new_tokens)
+        self.sampling = Sampling(temperature, top_p)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        config = model.config
+        self.ids, self.lengths, self.starts = normalize_padding(input_ids, attention_mask)
+        B, width = self.ids.shape
+        needed = width + max(int(max_new_tokens) - 1, 0)   # the last new token is not cached
+        if max_length is None:
+            max_length = needed
+        elif isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or (
+                max_length < 1):
+            raise ValueError(f"max_length must be an int >= 1 or None, got {max_length!r}")
+        if width > max_length:
+            raise ValueError(f"the prompt ({width} tokens) is longer than the cache "
+                             f"(max_length={max_length})")
+        if needed > max_length:
+            raise ValueError(f"the prompt ({width} tokens) plus {max_new_tokens} new tokens need "
+                             f"a cache of {needed} positions, but max_length is {max_length}")
+        self.spec = CacheSpec.for_model(config, B, int(max_length), attention)
+        self.implementation = resolve_decode_implementation(decode_implementation,
+                                                            self.spec.head_dim)
+        self.interpret = bool(interpret)
+        self.max_new_tokens = int(max_new_tokens)
+        self.graphdef, self.state = nnx.split(model)
+        self.key = jax.random.PRNGKey(int(seed))
+        self.stats = GenerationStats(prompt_tokens=width, cache_bytes=cache_bytes_for(self.spec),
+                                     full_cache_bytes=cache_bytes_for(
+                                         dataclasses.replace(self.spec, attention="full")))
+        self._compiled = None
+        self.logits: list[np.ndarray] = []   # filled when keep_logits is set
+        self.keep_logits = False
+
+    def compile(self) -> float:
+        """Compile prefill and the decode step ahead of time (or find them in jax's cache of
+        compiled functions); returns the seconds it took."""
+        if self._compiled is None:
+            start = time.perf_counter()
+            ids, lengths = jnp.asarray(self.ids), jnp.asarray(self.lengths)
+            scalar = jax.ShapeDtypeStruct((), jnp.float32)
+            prefill_fn = _prefill_jit.lower(self.graphdef, self.state, ids, lengths, self.key,
+                                            scalar, scalar, spec=self.spec).compile()
+            cache_shape = prefill_fn.out_info[2]
+            tokens = jax.ShapeDtypeStruct((self.spec.batch_size,), jnp.int32)
+            step = jax.ShapeDtypeStruct((), jnp.int32)
+            decode_fn = _decode_jit.lower(
+                self.graphdef, self.state, cache_shape, tokens, self.key, step, scalar, scalar,
+                implementation=self.implementation, interpret=self.interpret).compile()
+            self._compiled = (prefill_fn, decode_fn)
+            self.stats.compile_s = time.perf_counter() - start
+        return self.stats.compile_s
+
+    def __iter__(self):
+        if self.max_new_tokens == 0:
+            return
+        self.compile()
+        prefill_fn, decode_fn = self._compiled
+        start = time.perf_counter()
+        temperature = jnp.float32(self.sampling.temperature)
+        top_p = jnp.float32(self.sampling.top_p)
+        tokens, logits, cache = prefill_fn(self.state, jnp.asarray(self.ids),
+                                           jnp.asarray(self.lengths), self.key, temperature,
+                                           top_p)
+        host_tokens = np.asarray(tokens)
+        self.stats.prefill_s = time.perf_counter() - start
+        self.stats.new_tokens = 1
+        if self.keep_logits:
+            self.logits.append(np.asarray(logits))
+        yield host_tokens
+        for step in range(1, self.max_new_tokens):
+            # Timed from the call to the token on the host; the time the consumer spends
+            # between two tokens (printing, ...) is not counted.
+            start = time.perf_counter()
+            tokens, logits, cache = decode_fn(self.state, cache, tokens, self.key,
+                                              jnp.int32(step), temperature, top_p)
+            host_tokens = np.asarray(tokens)
+            self.stats.decode_s += time.perf_counter() - start
+            self.stats.new_tokens = step + 1
+            if self.keep_logits:
+                self.logits.append(np.asarray(logits))
+            yield host_tokens
+
+
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, attention: str | None = None, *,
+             attention_mask=None, max_length: int | None = None, pad_token_id: int = 0,
+             decode_implementation: str = "auto", interpret: bool = False,
+             return_logits: bool = False):
+    """Generate with a cache: token ids [B, L + max_new_tokens] (numpy int32, prompt included).
+
+    Args:
+      model: a `LlamaForCausalLM`.
+      input_ids: [B, L] integer prompt ids (at least one token per row).
+      max_new_tokens: tokens to generate per sequence (>= 0).
+      temperature: 0 for greedy decoding, otherwise sampling from softmax(logits / T).
+      top_p: nucleus sampling: keep the most likely tokens up to this total probability.
+      seed: random seed of the sampling (token i uses fold_in(PRNGKey(seed), i)).
+      attention: "cca" (compressed cache), "full" (ordinary cache), or None for the model's
+        configured attention. g and w come from the model config.
+      attention_mask: [B, L] of 1 (token) / 0 (padding), left or right padded; each row's
+        positions start at 0 at its first token. Rows keep their padding side in the
+        output: left-padded rows end with their new tokens, right-padded rows continue right
+        after their prompt and end with `pad_token_id`.
+      max_length: cache capacity in tokens per sequence (default: just enough).
+      decode_implementation: "auto" (Pallas split-K kernel on a GPU, jnp elsewhere), "jnp",
+        "pallas"; interpret: run the Pallas kernel in interpret mode (CPU tests).
+      return_logits: also return the float32 logits [B, max_new_tokens, vocab] that chose
+        each new token.
+    """
+    session = CachedGeneration(model, input_ids, max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, attention=attention,
+                               attention_mask=attention_mask, max_length=max_length,
+                               decode_implementation=decode_implementation, interpret=interpret)
+    session.keep_logits = return_logits
+    new_tokens = [tokens for tokens in session]
+    ids = np.asarray(input_ids).astype(np.int32)
+    B, L = ids.shape
+    N = session.max_new_tokens
+    out = np.full((B, L + N), pad_token_id, np.int32)
+    ends = session.starts + session.lengths               # column after each prompt
+    columns = np.arange(L)[None, :]
+    out[:, :L] = np.where(columns < ends[:, None], ids, pad_token_id)
+    if N:
+        new = np.stack(new_tokens, axis=1)                # [B, N]
+        rows = np.arange(B)[:, None]
+        out[rows, ends[:, None] + np.arange(N)[None, :]] = new
+    if return_logits:
+        vocab = model.config.vocab_size
+        logits = (np.stack(session.logits, axis=1) if N else np.zeros((B, 0, vocab), np.float32))
+        return out, logits
+    return out
 
 
 def greedy_generate_uncached(model, input_ids, max_new_tokens: int) -> np.ndarray:
@@ -32,3 +282,192 @@ def greedy_generate_uncached(model, input_ids, max_new_tokens: int) -> np.ndarra
     for index in range(L, L + max_new_tokens):
         tokens = tokens.at[:, index].set(next_token(state, tokens, index))
     return np.asarray(tokens)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+
+
+class _TextStream:
+    """Prints the text of a growing token list as it is produced (whole characters only)."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def add(self, token: int) -> None:
+        self.tokens.append(int(token))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):      # an incomplete multi-byte character: wait
+            return
+        if text.startswith(self.printed):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.startswith(self.printed) and text != self.printed:
+            self.out.write(text[len(self.printed):])
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _eos_ids(tokenizer, config) -> set[int]:
+    ids = set()
+    for value in (config.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (tuple, list)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cca_jax.generate",
+        description="Generate text with a KV cache: the compressed CCA cache (core tokens + "
+                    "raw window, SPEC section 5) or a full cache. The continuation is streamed "
+                    "to stdout; progress and the closing statistics (prefill seconds, decode "
+                    "tokens/s, cache bytes next to a full cache) go to stderr.")
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="a directory from `python -m cca_jax.convert`, or a Hugging Face "
+                             "LLaMA/Qwen2 directory")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="the prompt text")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file")
+    parser.add_argument("--max-new-tokens", type=int, required=True, metavar="N",
+                        help="tokens to generate (>= 0); stops earlier at end-of-sequence "
+                             "unless --ignore-eos")
+    parser.add_argument("--attention", choices=("cca", "full"), default="cca",
+                        help="cca: compressed CCA cache and CCA attention; full: ordinary "
+                             "cache and causal attention (default: %(default)s)")
+    parser.add_argument("--group-size", type=int, default=16, metavar="G",
+                        help="CCA group size g (default: %(default)s)")
+    parser.add_argument("--window-size", type=int, default=1024, metavar="W",
+                        help="CCA local window w (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="0 = greedy (default), otherwise sample from softmax(logits / T)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="sampling seed (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype; auto = bfloat16 on a GPU, float32 elsewhere")
+    parser.add_argument("--max-length", type=int, default=None, metavar="L",
+                        help="cache capacity in tokens (default: prompt + max-new-tokens)")
+    parser.add_argument("--tokenizer", metavar="PATH", default=None,
+                        help="tokenizer directory (default: the model directory)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt in the tokenizer's chat template as a user turn")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="keep generating after an end-of-sequence token")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    err = sys.stderr
+    try:
+        # Every check that can fail on user input runs before the model is loaded and
+        # before anything is printed to stdout.
+        _check_max_new_tokens(args.max_new_tokens)
+        Sampling(args.temperature, args.top_p)
+        for name in ("group_size", "window_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(args, name)}")
+        model_dir = Path(args.model).expanduser()
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"--model {str(model_dir)!r} is not a directory")
+        if args.prompt_file is not None:
+            prompt_path = Path(args.prompt_file).expanduser()
+            if not prompt_path.is_file():
+                raise FileNotFoundError(f"--prompt-file {str(prompt_path)!r} does not exist")
+            text = prompt_path.read_text(encoding="utf-8")
+        else:
+            text = args.prompt
+        if not text.strip():
+            raise ValueError("the prompt is empty")
+
+        from cca_jax.loading import from_pretrained, load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer or model_dir)
+        if args.chat:
+            prompt_ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                return_dict=False)
+            if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys"):
+                prompt_ids = prompt_ids["input_ids"]
+        else:
+            prompt_ids = tokenizer(text)["input_ids"]
+        prompt_ids = np.asarray(prompt_ids, np.int32).reshape(1, -1)
+        if prompt_ids.shape[1] == 0:
+            raise ValueError("the prompt is empty after tokenisation")
+        needed = prompt_ids.shape[1] + max(args.max_new_tokens - 1, 0)
+        if args.max_length is not None and prompt_ids.shape[1] > args.max_length:
+            raise ValueError(f"the prompt ({prompt_ids.shape[1]} tokens) is longer than the "
+                             f"cache (--max-length {args.max_length})")
+        if args.max_length is not None and needed > args.max_length:
+            raise ValueError(f"the prompt ({prompt_ids.shape[1]} tokens) plus "
+                             f"{args.max_new_tokens} new tokens need a cache of {needed} "
+                             f"positions, but --max-length is {args.max_length}")
+
+        dtype = args.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+        print(f"loading {model_dir} ({dtype}, attention={args.attention}"
+              + (f", g={args.group_size}, w={args.window_size}" if args.attention == "cca"
+                 else "") + ") ...", file=err, flush=True)
+        model = from_pretrained(model_dir, attention=args.attention,
+                                group_size=args.group_size, window_size=args.window_size,
+                                dtype=dtype)
+        session = CachedGeneration(model, prompt_ids, args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p,
+                                   seed=args.seed, max_length=args.max_length)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, OSError) as error:
+        print(f"error: {error}", file=err)
+        return 2
+
+    stats = session.stats
+    print(f"prompt: {stats.prompt_tokens} tokens; cache for {session.spec.max_length} "
+          f"positions; compiling prefill and decode step ...", file=err, flush=True)
+    session.compile()
+    print(f"compiled in {stats.compile_s:.1f} s; generating ({jax.default_backend()}, decode "
+          f"attention: {session.implementation})", file=err, flush=True)
+    print("-" * 72, file=err, flush=True)
+    stream = _TextStream(tokenizer, sys.stdout)
+    eos = set() if args.ignore_eos else _eos_ids(tokenizer, model.config)
+    stopped = ""
+    for tokens in session:
+        token = int(tokens[0])
+        if token in eos:
+            stopped = " (stopped at end-of-sequence)"
+            break
+        stream.add(token)
+    stream.finish()
+    print("-" * 72, file=err)
+    saved = 1 - stats.cache_bytes / stats.full_cache_bytes
+    print(f"prefill: {stats.prompt_tokens} tokens in {stats.prefill_s:.2f} s "
+          f"({stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tokens/s, first token "
+          f"included; compile {stats.compile_s:.1f} s not included)", file=err)
+    print(f"decode: {stats.new_tokens} tokens{stopped}, {max(stats.new_tokens - 1, 0)} decode "
+          f"steps in {stats.decode_s:.2f} s = {stats.decode_tokens_per_s:.1f} tokens/s", file=err)
+    print(f"cache: {_format_bytes(stats.cache_bytes)} ({stats.cache_bytes} bytes) for "
+          f"{session.spec.max_length} positions; a full cache would take "
+          f"{_format_bytes(stats.full_cache_bytes)} ({stats.full_cache_bytes} bytes): "
+          f"{100 * saved:.1f}% less", file=err, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

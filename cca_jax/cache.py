@@ -1,0 +1,482 @@
+"""Decode state for cached generation: the compressed CCA cache (SPEC.md section 5) or a full
+KV cache, behind one interface, plus the cached forward passes of a `LlamaForCausalLM`.
+
+Layout (static shapes, preallocated for `max_length` tokens; B = batch, H / Hkv = query / KV
+heads, d = head dim, g / w = group size / window):
+
+`CCALayerCache` (per layer)
+    core_k, core_v   [B, C, H, d]  model dtype. Core token j of each query head, in slot j.
+                                   C = visible_core_count(max_length - 1, g, w)
+                                     = floor((max_length - w) / g): the most any query sees.
+    raw_k, raw_v     [B, R, Hkv, d] model dtype. Ring of raw keys/values: position n lives in
+                                   slot n % R, R = min(w + g, max_length). It always holds
+                                   every position not yet covered by a visible core token.
+    pool_weights     [B, P, H, g]  float32. Pooling weights (SPEC section 1: the softmax of
+                                   the group's last query against its keys) of the groups
+                                   that are complete but not yet visible, group j in slot
+                                   j % P, P = min(ceil(w / g), max_length // g).
+`FullLayerCache` (per layer)
+    k, v             [B, max_length, Hkv, d]; position n in slot n.
+`DecodeCache`
+    layers           tuple of the above, one per decoder layer
+    lengths          [B] int32: tokens cached per sequence (= position of the next token)
+    spec             `CacheSpec` (static, not a leaf)
+
+Per decoded token at position t (SPEC section 5): its k, v go to raw slot t % R; if t closes
+a group (`(t + 1) % g == 0`) its query weighs that group and the weights are kept; when
+c(t) = `visible_core_count(t, g, w)` grows, the group that just became visible is pooled
+from the raw ring with its kept weights into core slot c(t) - 1 (the raw slots it covered
+are then free and get overwritten by later positions). The query attends, in one softmax, to
+core slots j < c(t) and the raw slots holding positions c(t) * g .. t (`kernels.decode`).
+Cache bytes per layer and sequence: (w + g) * Hkv * d * 2 + floor((L - w) / g) * H * d * 2
+values (SPEC section 5) plus P * H * g float32 weights.
+
+Sequences of different lengths: the prompts are right-aligned to start at column 0 (see
+`normalize_padding`); each sequence has its own `lengths` entry, its own positions starting
+at 0 and its own visibility, so padding never reaches a core token or a softmax.
+
+The forward passes walk the model's own submodules (embed_tokens, layers[i].input_layernorm,
+self_attn.project_qkv, self_attn.o_proj, post_attention_layernorm, mlp, norm, logits), so
+they compute exactly what `LlamaForCausalLM.__call__` computes, one token at a time. (One
+exception by construction: "dynamic" NTK RoPE scales with the static length of the call, so
+past max_position_embeddings a decode step and a full pass rotate differently, as in
+transformers.) Decode steps must keep every length below `max_length`: inside jit nothing
+can be checked, and `cca_jax.generate` sizes the cache so that it never happens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from cca_jax.attention import ATTENTION_KINDS, causal_attention, cca_attention
+from cca_jax.reference import compute_dtype
+from kernels.decode import decode_attention_pallas, decode_attention_reference
+from kernels.visibility import raw_window_start, visible_core_count
+
+DECODE_IMPLEMENTATIONS = ("auto", "jnp", "pallas")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Everything static about a cache (hashable; part of the jitted functions' signature)."""
+
+    attention: str       # "cca" or "full"
+    batch_size: int
+    max_length: int      # tokens per sequence the cache can hold (prompt + generated)
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    group_size: int
+    window_size: int
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got "
+                             f"{self.attention!r}")
+        for name in ("batch_size", "max_length", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "group_size", "window_size"):
+            _check_int(name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        jnp.dtype(self.dtype)
+
+    @property
+    def core_capacity(self) -> int:
+        """C: core tokens the last position can see, floor((max_length - w) / g) or 0."""
+        return visible_core_count(self.max_length - 1, self.group_size, self.window_size)
+
+    @property
+    def raw_capacity(self) -> int:
+        """R: raw ring slots (w + g, or max_length if that is smaller)."""
+        return min(self.window_size + self.group_size, self.max_length)
+
+    @property
+    def pending_capacity(self) -> int:
+        """P: complete-but-not-yet-visible groups kept as pooling weights."""
+        return min(-(-self.window_size // self.group_size), self.max_length // self.group_size)
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, max_length: int, attention: str | None = None):
+        """The spec of a cache for a `LlamaConfig`; attention None means config.attention."""
+        return cls(attention=config.attention if attention is None else attention,
+                   batch_size=batch_size, max_length=max_length,
+                   num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                   num_kv_heads=config.kv_heads, head_dim=config.head_size,
+                   group_size=config.group_size, window_size=config.window_size,
+                   dtype=config.dtype)
+
+
+@struct.dataclass
+class CCALayerCache:
+    core_k: jax.Array
+    core_v: jax.Array
+    raw_k: jax.Array
+    raw_v: jax.Array
+    pool_weights: jax.Array
+
+
+@struct.dataclass
+class FullLayerCache:
+    k: jax.Array
+    v: jax.Array
+
+
+@struct.dataclass
+class DecodeCache:
+    layers: tuple
+    lengths: jax.Array
+    spec: CacheSpec = struct.field(pytree_node=False)
+
+
+def init_cache(spec: CacheSpec) -> DecodeCache:
+    """A zero-filled cache (nothing cached yet). Use under `jax.eval_shape` to size one."""
+    B, H, Hkv, d = spec.batch_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    dtype = jnp.dtype(spec.dtype)
+    if spec.attention == "full":
+        def layer():
+            shape = (B, spec.max_length, Hkv, d)
+            return FullLayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    else:
+        C, R, P = spec.core_capacity, spec.raw_capacity, spec.pending_capacity
+
+        def layer():
+            return CCALayerCache(
+                core_k=jnp.zeros((B, C, H, d), dtype), core_v=jnp.zeros((B, C, H, d), dtype),
+                raw_k=jnp.zeros((B, R, Hkv, d), dtype), raw_v=jnp.zeros((B, R, Hkv, d), dtype),
+                pool_weights=jnp.zeros((B, P, H, spec.group_size), jnp.float32))
+    return DecodeCache(layers=tuple(layer() for _ in range(spec.num_layers)),
+                       lengths=jnp.zeros((B,), jnp.int32), spec=spec)
+
+
+def cache_nbytes(tree) -> int:
+    """Bytes allocated by the arrays of a pytree (real arrays or `jax.eval_shape` results)."""
+    return int(sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+                   for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def cache_bytes_for(spec: CacheSpec) -> int:
+    """Bytes a cache of this spec allocates, read from its arrays without allocating them."""
+    return cache_nbytes(jax.eval_shape(lambda: init_cache(spec)))
+
+
+# ---------------------------------------------------------------------------------------
+# Host-side input handling.
+
+
+def normalize_padding(input_ids, attention_mask=None):
+    """Right-align a padded batch of prompts (numpy, before any device work).
+
+    input_ids [B, L] integers; attention_mask [B, L] of 0/1 (None: no padding) with each row's
+    ones contiguous (left or right padding). Returns (ids [B, max length] int32 with every
+    prompt starting at column 0 and zeros after it, lengths [B] int32, starts [B] int64: the
+    column of each prompt's first token in the input).
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer array [batch, length], got shape "
+                         f"{ids.shape} dtype {ids.dtype}")
+    B, L = ids.shape
+    if B < 1 or L < 1:
+        raise ValueError(f"input_ids must hold at least one token per sequence (the prompt "
+                         f"cannot be empty), got shape {ids.shape}")
+    if attention_mask is None:
+        mask = np.ones((B, L), bool)
+    else:
+        mask = np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, "
+                             f"got {mask.shape}")
+        if not np.all((mask == 0) | (mask == 1)):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        mask = mask.astype(bool)
+    lengths = mask.sum(axis=1)
+    if np.any(lengths == 0):
+        rows = np.flatnonzero(lengths == 0).tolist()
+        raise ValueError(f"empty prompt: attention_mask has no tokens in row(s) {rows}")
+    starts = mask.argmax(axis=1)
+    columns = np.arange(L)[None, :]
+    contiguous = mask == ((columns >= starts[:, None]) & (columns < (starts + lengths)[:, None]))
+    if not contiguous.all():
+        rows = np.flatnonzero(~contiguous.all(axis=1)).tolist()
+        raise ValueError(f"attention_mask rows {rows} are not one contiguous run of ones "
+                         "(only left or right padding is supported)")
+    width = int(lengths.max())
+    gather = np.minimum(starts[:, None] + np.arange(width)[None, :], L - 1)
+    out = np.where(np.arange(width)[None, :] < lengths[:, None],
+                   np.take_along_axis(ids, gather, axis=1), 0)
+    return out.astype(np.int32), lengths.astype(np.int32), starts
+
+
+def resolve_decode_implementation(implementation: str, head_dim: int) -> str:
+    """"auto": the Pallas split-K kernel on a GPU (power-of-2 head dims), jnp elsewhere."""
+    if implementation not in DECODE_IMPLEMENTATIONS:
+        raise ValueError(f"decode implementation must be one of {DECODE_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if implementation == "auto":
+        gpu = jax.default_backend() == "gpu"
+        return "pallas" if gpu and head_dim & (head_dim - 1) == 0 else "jnp"
+    return implementation
+
+
+# ---------------------------------------------------------------------------------------
+# Attention-level cache operations (one layer).
+
+
+def _rows_set(array, index, values):
+    """array[b, index[b]] = values[b] for every row b (in place under jit with donation)."""
+    return jax.vmap(lambda a, i, x: jax.lax.dynamic_update_index_in_dim(a, x, i, axis=0))(
+        array, index, values)
+
+
+def _rows_get(array, index):
+    """array[b, index[b]] for every row b."""
+    return jax.vmap(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False))(
+        array, index)
+
+
+def _group_weights(q_last, k_group, scale):
+    """Pooling weights (SPEC section 1) of groups: q_last [B, J, H, d] (the query of each
+    group's last token), k_group [B, J, g, Hkv, d] -> [B, J, H, g] float32 (or wider)."""
+    B, J, H, d = q_last.shape
+    Hkv = k_group.shape[3]
+    ct = compute_dtype(q_last.dtype)
+    q5 = q_last.astype(ct).reshape(B, J, Hkv, H // Hkv, d)
+    logits = jnp.einsum("bjkrd,bjikd->bjkri", q5, k_group.astype(ct), precision=_HIGHEST)
+    return jax.nn.softmax(logits * scale, axis=-1).reshape(B, J, H, -1)
+
+
+def _pool(weights, k_group, v_group, dtype):
+    """Core tokens from pooling weights [B, J, H, g] and a group's keys/values
+    [B, J, g, Hkv, d] -> (core_k, core_v) [B, J, H, d] in `dtype`."""
+    B, J, H, g = weights.shape
+    Hkv, d = k_group.shape[3:]
+    w5 = weights.reshape(B, J, Hkv, H // Hkv, g)
+    ct = weights.dtype
+    ck = jnp.einsum("bjkri,bjikd->bjkrd", w5, k_group.astype(ct), precision=_HIGHEST)
+    cv = jnp.einsum("bjkri,bjikd->bjkrd", w5, v_group.astype(ct), precision=_HIGHEST)
+    return ck.reshape(B, J, H, d).astype(dtype), cv.reshape(B, J, H, d).astype(dtype)
+
+
+def _check_prefill_shapes(spec: CacheSpec, q, k):
+    B, L, H, d = q.shape
+    if (B, H, d) != (spec.batch_size, spec.num_heads, spec.head_dim) or k.shape[2] != (
+            spec.num_kv_heads):
+        raise ValueError(f"q {q.shape} / k {k.shape} do not match the cache spec (batch "
+                         f"{spec.batch_size}, heads {spec.num_heads}/{spec.num_kv_heads}, "
+                         f"head_dim {spec.head_dim})")
+    if L > spec.max_length:
+        raise ValueError(f"the prompt ({L} tokens) is longer than the cache "
+                         f"(max_length={spec.max_length})")
+
+
+def prefill_layer(spec: CacheSpec, q, k, v, lengths):
+    """The layer cache after a prompt, from its full-sequence q [B, L, H, d] (after RoPE),
+    k, v [B, L, Hkv, d] (right-aligned; row b's tokens are 0 .. lengths[b] - 1)."""
+    _check_prefill_shapes(spec, q, k)
+    B, L, H, d = q.shape
+    dtype = jnp.dtype(spec.dtype)
+    if spec.attention == "full":
+        shape = (B, spec.max_length, spec.num_kv_heads, d)
+        cache_k = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(shape, dtype), k.astype(dtype),
+                                                      0, axis=1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(shape, dtype), v.astype(dtype),
+                                                      0, axis=1)
+        return FullLayerCache(k=cache_k, v=cache_v)
+
+    g, w = spec.group_size, spec.window_size
+    C, R, P = spec.core_capacity, spec.raw_capacity, spec.pending_capacity
+    scale = 1.0 / math.sqrt(d)
+    last = lengths.astype(jnp.int32) - 1
+    # Raw ring: slot s holds the latest position n <= last with n % R == s.
+    slot = jnp.arange(R, dtype=jnp.int32)
+    position = last[:, None] - (last[:, None] - slot[None, :]) % R
+    take = jnp.clip(position, 0, L - 1)[:, :, None, None]
+    raw_k = jnp.take_along_axis(k, take, axis=1).astype(dtype)
+    raw_v = jnp.take_along_axis(v, take, axis=1).astype(dtype)
+
+    core_k = jnp.zeros((B, C, H, d), dtype)
+    core_v = jnp.zeros((B, C, H, d), dtype)
+    pool_weights = jnp.zeros((B, P, H, g), jnp.float32)
+    J = L // g   # complete groups in the (padded) prompt block
+    if J:
+        k_group = k[:, :J * g].reshape(B, J, g, spec.num_kv_heads, d)
+        v_group = v[:, :J * g].reshape(B, J, g, spec.num_kv_heads, d)
+        weights = _group_weights(q[:, g - 1:J * g:g], k_group, scale)
+        # Core tokens visible to row b's last query (c(last_b) <= c(L - 1)); slots beyond a
+        # row's count hold padding-derived values that are never visible and are overwritten
+        # before they become so.
+        n_core = visible_core_count(L - 1, g, w)
+        if n_core:
+            ck, cv = _pool(weights[:, :n_core], k_group[:, :n_core], v_group[:, :n_core],
+                           dtype)
+            core_k = core_k.at[:, :n_core].set(ck)
+            core_v = core_v.at[:, :n_core].set(cv)
+        if P:
+            # Pending slot u holds the latest complete group j with j % P == u.
+            closed = lengths.astype(jnp.int32) // g
+            u = jnp.arange(P, dtype=jnp.int32)
+            group = (closed - 1)[:, None] - ((closed - 1)[:, None] - u[None, :]) % P
+            take = jnp.clip(group, 0, J - 1)[:, :, None, None]
+            pool_weights = jnp.take_along_axis(weights, take, axis=1).astype(jnp.float32)
+    return CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v,
+                         pool_weights=pool_weights)
+
+
+def decode_layer(spec: CacheSpec, layer_cache, q, k, v, positions, *,
+                 implementation: str = "jnp", interpret: bool = False):
+    """Append one token per sequence and attend with it.
+
+    q [B, H, d] (after RoPE), k, v [B, Hkv, d], positions [B] (the new token's position in
+    each sequence, = the cache's lengths). Returns (attention output [B, H, d] in q.dtype,
+    new layer cache). implementation "jnp" or "pallas" (resolved, not "auto").
+    """
+    dtype = jnp.dtype(spec.dtype)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d)
+    t = positions.astype(jnp.int32)
+    attend = (decode_attention_reference if implementation == "jnp" else
+              lambda *a, **kw: decode_attention_pallas(*a, interpret=interpret, **kw))
+
+    if spec.attention == "full":
+        cache_k = _rows_set(layer_cache.k, t, k.astype(dtype))
+        cache_v = _rows_set(layer_cache.v, t, v.astype(dtype))
+        valid = jnp.arange(spec.max_length)[None, :] <= t[:, None]
+        out = attend(q, cache_k, cache_v, valid, scale=scale)
+        return out, FullLayerCache(k=cache_k, v=cache_v)
+
+    g, w = spec.group_size, spec.window_size
+    C, R, P = spec.core_capacity, spec.raw_capacity, spec.pending_capacity
+    raw_k = _rows_set(layer_cache.raw_k, t % R, k.astype(dtype))
+    raw_v = _rows_set(layer_cache.raw_v, t % R, v.astype(dtype))
+    count = visible_core_count(t, g, w)
+    core_k, core_v, pool_weights = layer_cache.core_k, layer_cache.core_v, layer_cache.pool_weights
+    offsets = jnp.arange(g, dtype=jnp.int32)
+
+    def group_kv(j):
+        """Keys/values [B, 1, g, Hkv, d] of group j[b] from the raw ring."""
+        take = ((j[:, None] * g + offsets[None, :]) % R)[:, :, None, None]
+        return (jnp.take_along_axis(raw_k, take, axis=1)[:, None],
+                jnp.take_along_axis(raw_v, take, axis=1)[:, None])
+
+    if C:
+        # A group becomes visible (c grows by one) at most once per token: pool it from the
+        # raw ring with the weights kept when it closed (read before this token's own
+        # weights are stored: with w % g == 0 they share a pending slot).
+        became_visible = count > visible_core_count(t - 1, g, w)
+        j = jnp.maximum(count - 1, 0)
+        k_group, v_group = group_kv(j)
+        weights = _rows_get(pool_weights, j % P)[:, None]
+        ck, cv = _pool(weights, k_group, v_group, dtype)
+        keep = became_visible[:, None, None]
+        core_k = _rows_set(core_k, j, jnp.where(keep, ck[:, 0], _rows_get(core_k, j)))
+        core_v = _rows_set(core_v, j, jnp.where(keep, cv[:, 0], _rows_get(core_v, j)))
+    if P:
+        # This token closes group (t + 1) / g - 1: its query weighs the group's keys.
+        closes = (t + 1) % g == 0
+        closing = jnp.maximum((t + 1) // g - 1, 0)
+        k_group, _ = group_kv(closing)
+        weights = _group_weights(q[:, None], k_group, scale)[:, 0]
+        slot = closing % P
+        pool_weights = _rows_set(pool_weights, slot, jnp.where(
+            closes[:, None, None], weights, _rows_get(pool_weights, slot)))
+
+    # Slot s holds the latest position n <= t with n % R == s; visible iff n >= c(t) * g.
+    slot = jnp.arange(R, dtype=jnp.int32)
+    position = t[:, None] - (t[:, None] - slot[None, :]) % R
+    valid = position >= raw_window_start(t, g, w)[:, None]
+    if C:
+        out = attend(q, raw_k, raw_v, valid, core_k, core_v, count, scale=scale)
+    else:
+        out = attend(q, raw_k, raw_v, valid, scale=scale)
+    return out, CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v,
+                              pool_weights=pool_weights)
+
+
+# ---------------------------------------------------------------------------------------
+# Model-level cached forward passes (trace these under jit; see cca_jax.generate).
+
+
+def _prefill_attention(spec: CacheSpec, self_attn, q, k, v):
+    if spec.attention == "cca":
+        return cca_attention(q, k, v, group_size=spec.group_size, window_size=spec.window_size,
+                             implementation=self_attn.implementation)
+    # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
+    implementation = "auto" if self_attn.implementation == "pallas" else self_attn.implementation
+    return causal_attention(q, k, v, implementation=implementation)
+
+
+def check_model_matches(model, spec: CacheSpec) -> None:
+    """Raise if a cache of `spec` cannot serve `model` (layers, heads, sizes, dtype)."""
+    expected = CacheSpec.for_model(model.config, spec.batch_size, spec.max_length,
+                                   spec.attention)
+    if expected != spec:
+        raise ValueError(f"the cache ({spec}) does not fit the model (it needs {expected})")
+
+
+def prefill(model, spec: CacheSpec, input_ids, lengths):
+    """Run the prompts through the model and build the cache they leave.
+
+    input_ids [B, L] right-aligned prompts (see `normalize_padding`), lengths [B] >= 1, L <=
+    spec.max_length. Returns (float32 logits [B, vocab] of each sequence's last prompt token,
+    the filled `DecodeCache`). Every cache array is written here (nothing to donate).
+    """
+    check_model_matches(model, spec)
+    B, L = input_ids.shape
+    if B != spec.batch_size:
+        raise ValueError(f"input_ids has batch {B}, the cache {spec.batch_size}")
+    if L > spec.max_length:
+        raise ValueError(f"the prompt ({L} tokens) is longer than the cache "
+                         f"(max_length={spec.max_length})")
+    positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    lengths = lengths.astype(jnp.int32)
+    x = model.embed_tokens(input_ids)
+    layers = []
+    for layer in model.layers:
+        attn = layer.self_attn
+        q, k, v = attn.project_qkv(layer.input_layernorm(x), positions)
+        layers.append(prefill_layer(spec, q, k, v, lengths))
+        out = _prefill_attention(spec, attn, q, k, v)
+        x = x + attn.o_proj(out.reshape(B, L, attn.num_heads * attn.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    last = _rows_get(x, lengths - 1)                     # [B, hidden]
+    logits = model.logits(model.norm(last))
+    return logits, DecodeCache(layers=tuple(layers), lengths=lengths, spec=spec)
+
+
+def decode_step(model, cache: DecodeCache, tokens, *, implementation: str = "jnp",
+                interpret: bool = False):
+    """Append one token per sequence (tokens [B] ints) at positions `cache.lengths`.
+
+    Returns (float32 logits [B, vocab] predicting the next token, updated cache). The caller
+    keeps lengths < max_length (inside jit nothing can be checked).
+    """
+    spec = cache.spec
+    B = spec.batch_size
+    positions = cache.lengths
+    x = model.embed_tokens(tokens.reshape(B, 1).astype(jnp.int32))
+    layers = []
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        attn = layer.self_attn
+        q, k, v = attn.project_qkv(layer.input_layernorm(x), positions[:, None])
+        out, layer_cache = decode_layer(spec, layer_cache, q[:, 0], k[:, 0], v[:, 0], positions,
+                                        implementation=implementation, interpret=interpret)
+        layers.append(layer_cache)
+        x = x + attn.o_proj(out.reshape(B, 1, attn.num_heads * attn.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    logits = model.logits(model.norm(x[:, 0]))
+    return logits, DecodeCache(layers=tuple(layers), lengths=positions + 1, spec=spec)

@@ -1,0 +1,223 @@
+"""The decode cache at the attention level, its byte count and its input handling.
+
+The strongest check lives here: random q, k, v; a prefill of each sequence's prompt, then
+one decode step per token; every decoded output must equal the full-sequence reference
+(`cca_reference`, the SPEC oracle) at that position. The cases cover g = 1, w = 1, w not a
+multiple of g, w < g, prompts shorter than w and longer than w + g, caches too short to hold
+any core token, and sequences of different lengths in one batch.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cca_jax.cache import (CacheSpec, cache_bytes_for, cache_nbytes, decode_layer, init_cache,
+                           normalize_padding, prefill_layer)
+from cca_jax.reference import causal_reference, cca_reference, pool_core_tokens
+from kernels.visibility import visible_core_count
+from tests.conftest import random_qkv
+
+
+def _spec(attention, B, max_length, H, Hkv, d, g, w):
+    return CacheSpec(attention=attention, batch_size=B, max_length=max_length, num_layers=1,
+                     num_heads=H, num_kv_heads=Hkv, head_dim=d, group_size=g, window_size=w)
+
+
+def _run_cache(spec, q, k, v, prompt_lengths, steps):
+    """Prefill each row's prompt, then `steps` decode steps (all rows step together, each at
+    its own position). Returns the decoded outputs {(b, t): out[b]} and the final cache."""
+    prompt_lengths = np.asarray(prompt_lengths)
+    width = int(prompt_lengths.max())
+    assert width + steps <= min(spec.max_length, q.shape[1])
+    prefill = jax.jit(prefill_layer, static_argnums=0)
+    step = jax.jit(decode_layer, static_argnums=0)
+    cache = prefill(spec, q[:, :width], k[:, :width], v[:, :width],
+                    jnp.asarray(prompt_lengths, jnp.int32))
+    outputs = {}
+    for i in range(steps):
+        positions = prompt_lengths + i
+        take = jnp.asarray(positions)[:, None, None, None]
+        pick = lambda x: jnp.take_along_axis(x, take, axis=1)[:, 0]
+        out, cache = step(spec, cache, pick(q), pick(k), pick(v),
+                          jnp.asarray(positions, jnp.int32))
+        for b, t in enumerate(positions):
+            outputs[(b, int(t))] = np.asarray(out[b])
+    return outputs, cache
+
+
+# (B, H, Hkv, d, g, w, prompt lengths, decode steps, max_length); the longest row's last
+# decoded position is max_length - 1 (the cache is full after the last step).
+CASES = [
+    (2, 4, 2, 16, 4, 16, [5, 29], 21, 50),      # short and long prompt, GQA 2
+    (1, 2, 2, 8, 4, 10, [3], 42, 45),           # w % g != 0
+    (2, 2, 1, 8, 1, 1, [1, 4], 16, 20),         # g = 1, w = 1
+    (1, 4, 4, 8, 8, 3, [2], 38, 40),            # w < g
+    (2, 4, 1, 8, 4, 8, [30, 12], 8, 38),        # GQA 4, prompt > w + g
+    (1, 2, 1, 8, 4, 16, [6], 8, 14),            # cache too short for any core token
+    (3, 2, 2, 8, 3, 7, [1, 9, 20], 11, 31),     # three rows, ragged everything
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,d,g,w,prompts,steps,max_length", CASES)
+def test_cca_cache_decode_equals_full_sequence_reference(B, H, Hkv, d, g, w, prompts, steps,
+                                                          max_length):
+    T = max_length
+    totals = [p + steps for p in prompts]
+    q, k, v, _ = random_qkv(T * 13 + g, B, T, H, Hkv, d)
+    spec = _spec("cca", B, max_length, H, Hkv, d, g, w)
+    reference = np.asarray(cca_reference(q, k, v, group_size=g, window_size=w,
+                                         scale=1 / math.sqrt(d)))
+    outputs, cache = _run_cache(spec, q, k, v, prompts, steps)
+    assert len(outputs) == B * steps
+    worst = max(np.abs(out - reference[b, t]).max() for (b, t), out in outputs.items())
+    assert worst < 1e-5, worst
+    # The core tokens held are the SPEC pooling of the groups visible to the last query.
+    core_k, core_v = pool_core_tokens(q, k, v, group_size=g, scale=1 / math.sqrt(d))
+    for b, total in enumerate(totals):
+        n = visible_core_count(total - 1, g, w)   # seen by the last decoded position
+        if n:
+            np.testing.assert_allclose(np.asarray(cache.core_k[b, :n]),
+                                       np.asarray(core_k[b, :n]), atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(cache.core_v[b, :n]),
+                                       np.asarray(core_v[b, :n]), atol=1e-5, rtol=1e-5)
+
+
+def test_the_cache_matters():
+    """Sanity of the oracle comparison: CCA differs from causal attention in these cases, so
+    a cache that silently attended to everything would fail the test above."""
+    q, k, v, _ = random_qkv(3, 1, 40, 2, 2, 8)
+    cca = cca_reference(q, k, v, group_size=4, window_size=10, scale=8 ** -0.5)
+    causal = causal_reference(q, k, v, scale=8 ** -0.5)
+    assert float(jnp.abs(cca - causal)[:, 20:].max()) > 1e-2
+
+
+def test_full_cache_decode_equals_causal_reference():
+    B, H, Hkv, d, T = 2, 4, 2, 8, 25
+    q, k, v, _ = random_qkv(11, B, T, H, Hkv, d)
+    spec = _spec("full", B, T, H, Hkv, d, 4, 16)
+    reference = np.asarray(causal_reference(q, k, v, scale=1 / math.sqrt(d)))
+    outputs, _ = _run_cache(spec, q, k, v, [3, 17], 8)
+    worst = max(np.abs(out - reference[b, t]).max() for (b, t), out in outputs.items())
+    assert worst < 1e-5, worst
+
+
+def test_raw_ring_and_pending_slots_are_large_enough():
+    """Brute force over (g, w) of the ring arithmetic behind R = w + g and P = ceil(w / g).
+
+    After token t is written, the raw ring holds positions t - R + 1 .. t; everything read at
+    step t (the raw window c(t) * g .. t, the group that just became visible, the group that
+    t closes) must lie in it. The weights ring holds the last P groups closed before t; the
+    group pooled at step t must be one of them (it is read before t's own group is added).
+    """
+    for g in range(1, 9):
+        for w in range(1, 25):
+            spec = _spec("cca", 1, 10 ** 6, 1, 1, 2, g, w)
+            R, P = spec.raw_capacity, spec.pending_capacity
+            for t in range(0, 4 * (w + g) + 2 * g):
+                c = visible_core_count(t, g, w)
+                oldest_read = c * g
+                if c > visible_core_count(t - 1, g, w):
+                    j = c - 1
+                    oldest_read = min(oldest_read, j * g)
+                    last_closed_before = t // g - 1
+                    assert last_closed_before - j < P, (g, w, t)
+                if (t + 1) % g == 0:
+                    oldest_read = min(oldest_read, t + 1 - g)
+                assert oldest_read >= t - R + 1, (g, w, t)
+
+
+def test_memory_llama2_7b_at_128k_is_over_90_percent_below_a_full_cache():
+    """Bytes read from the arrays (jax.eval_shape: nothing is allocated)."""
+    L, layers, H, d = 128 * 1024, 32, 32, 128
+    spec = CacheSpec(attention="cca", batch_size=1, max_length=L, num_layers=layers,
+                     num_heads=H, num_kv_heads=H, head_dim=d, group_size=16, window_size=1024,
+                     dtype="bfloat16")
+    shapes = jax.eval_shape(lambda: init_cache(spec))
+    cca = cache_nbytes(shapes)
+    full = cache_nbytes(jax.eval_shape(lambda: init_cache(dataclasses.replace(
+        spec, attention="full"))))
+    assert full == L * H * d * 2 * 2 * layers + 4 == 64 * 2 ** 30 + 4
+    assert 1 - cca / full >= 0.90, (cca, full)
+    assert cca / 2 ** 30 < 4.6, cca / 2 ** 30     # SPEC/ANCHORS: about 4.5 GiB
+
+
+@pytest.mark.parametrize("L,g,w,H,Hkv,d,dtype,B,layers", [
+    (100, 4, 16, 4, 2, 8, "float32", 1, 2),
+    (77, 3, 10, 6, 3, 16, "bfloat16", 2, 3),
+    (40, 16, 8, 2, 1, 8, "float32", 1, 1),
+])
+def test_byte_count_matches_spec_section_5(L, g, w, H, Hkv, d, dtype, B, layers):
+    """SPEC 5: per layer and sequence (w + g) * Hkv * d * 2 raw values plus
+    floor((L - w) / g) * H * d * 2 core values; on top of that the cache keeps the pooling
+    weights of the pending groups (ceil(w / g) * H * g float32) and one int32 length per
+    sequence. Every leaf is accounted for."""
+    spec = CacheSpec(attention="cca", batch_size=B, max_length=L, num_layers=layers,
+                     num_heads=H, num_kv_heads=Hkv, head_dim=d, group_size=g, window_size=w,
+                     dtype=dtype)
+    item = jnp.dtype(dtype).itemsize
+    shapes = jax.eval_shape(lambda: init_cache(spec))
+    layer = shapes.layers[0]
+    raw = (w + g) * Hkv * d * 2 * item
+    core = ((L - w) // g) * H * d * 2 * item
+    pending = math.ceil(w / g) * H * g * 4
+    assert cache_nbytes((layer.raw_k, layer.raw_v)) == B * raw
+    assert cache_nbytes((layer.core_k, layer.core_v)) == B * core
+    assert cache_nbytes(layer.pool_weights) == B * pending
+    assert cache_nbytes(shapes) == layers * B * (raw + core + pending) + 4 * B
+    assert cache_bytes_for(spec) == cache_nbytes(shapes)
+    # The real arrays have the same bytes.
+    assert sum(x.nbytes for x in jax.tree_util.tree_leaves(init_cache(spec))) == cache_nbytes(
+        shapes)
+    full = cache_bytes_for(dataclasses.replace(spec, attention="full"))
+    assert full == layers * B * L * Hkv * d * 2 * item + 4 * B
+
+
+def test_normalize_padding_left_right_and_none():
+    ids = np.array([[0, 0, 5, 6, 7], [1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out, lengths, starts = normalize_padding(ids, mask)
+    np.testing.assert_array_equal(out, [[5, 6, 7, 0, 0], [1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
+    np.testing.assert_array_equal(lengths, [3, 3, 5])
+    np.testing.assert_array_equal(starts, [2, 0, 0])
+    out, lengths, _ = normalize_padding(ids[:2, 2:], mask[:2, 2:])
+    assert out.shape == (2, 3) and lengths.tolist() == [3, 1]
+    out, lengths, _ = normalize_padding(ids)
+    np.testing.assert_array_equal(out, ids)
+
+
+@pytest.mark.parametrize("ids,mask,match", [
+    (np.zeros((1, 0), np.int32), None, "empty"),
+    (np.ones((2, 3), np.int32), np.array([[1, 1, 1], [0, 0, 0]]), "empty prompt"),
+    (np.ones((1, 4), np.int32), np.array([[1, 0, 1, 1]]), "contiguous"),
+    (np.ones((1, 4), np.int32), np.array([[1, 2, 1, 1]]), "only 0"),
+    (np.ones((4,), np.int32), None, r"\[batch, length\]"),
+    (np.ones((1, 4), np.float32), None, "integer"),
+    (np.ones((1, 4), np.int32), np.ones((1, 3)), "shape"),
+])
+def test_normalize_padding_rejects_bad_input(ids, mask, match):
+    with pytest.raises(ValueError, match=match):
+        normalize_padding(ids, mask)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("attention", "sliding", "attention must be one of"),
+    ("max_length", 0, "max_length must be an int >= 1"),
+    ("group_size", 0, "group_size"),
+    ("num_kv_heads", 3, "multiple of num_kv_heads"),
+])
+def test_cache_spec_rejects_bad_arguments(field, value, match):
+    kwargs = dict(attention="cca", batch_size=1, max_length=10, num_layers=1, num_heads=4,
+                  num_kv_heads=2, head_dim=8, group_size=4, window_size=4)
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=match):
+        CacheSpec(**kwargs)
+
+
+def test_prefill_rejects_a_prompt_longer_than_the_cache():
+    spec = _spec("cca", 1, 8, 2, 2, 8, 4, 4)
+    q, k, v, _ = random_qkv(0, 1, 9, 2, 2, 8)
+    with pytest.raises(ValueError, match="longer than the cache"):
+        prefill_layer(spec, q, k, v, jnp.array([9]))

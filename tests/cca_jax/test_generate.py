@@ -1,0 +1,297 @@
+"""Cached generation against the uncached oracle, with a random model and with SmolLM2-135M.
+
+Exactness (float32): greedy tokens with the cache equal `greedy_generate_uncached` (one full
+forward pass per new token, no cache) row by row, and every logit vector that chose a new
+token equals the full-sequence logits at that position within 1e-4. Prompts are shorter and
+longer than w, decoding crosses group boundaries and the window edge (c(m) grows during
+decoding), and the batch mixes prompt lengths with left or right padding.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cca_jax import LlamaConfig, LlamaForCausalLM
+from cca_jax.generate import generate, greedy_generate_uncached, main
+from kernels.visibility import visible_core_count
+
+TOLERANCE = 1e-4
+
+
+def _batch(prompts, side):
+    """Pad a list of 1-D prompts to one [B, L] array (+ mask), on the given side."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), 7, np.int32)   # a real token id as padding
+    mask = np.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[b, cols], mask[b, cols] = p, 1
+    return ids, mask
+
+
+def _full_sequence_logits(model, sequences):
+    """Logits [B, T, vocab] of each 1-D sequence (one jitted batched forward pass; sequences
+    are right-padded, which causal attention never looks at)."""
+    width = max(len(x) for x in sequences)
+    batch = np.zeros((len(sequences), width), np.int32)
+    for b, x in enumerate(sequences):
+        batch[b, :len(x)] = x
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+    return np.asarray(forward(state, jnp.asarray(batch)))
+
+
+_ORACLE_RUNS = {}
+
+
+def _oracle(model, prompt, new_tokens):
+    """greedy_generate_uncached on one prompt, remembered (the left- and right-padded
+    batches of the same prompts share the oracle's runs)."""
+    key = (id(model), prompt.tobytes(), new_tokens)
+    if key not in _ORACLE_RUNS:
+        _ORACLE_RUNS[key] = (model, greedy_generate_uncached(model, prompt[None], new_tokens)[0])
+    return _ORACLE_RUNS[key][1]
+
+
+def _check_against_oracle(model, prompts, new_tokens, side, **kwargs):
+    """Generate the batch with the cache; compare each row with the uncached oracle run on
+    that row alone, and the logits with the full-sequence logits. Returns the worst logit
+    difference."""
+    ids, mask = _batch(prompts, side)
+    out, logits = generate(model, ids, new_tokens, attention_mask=mask, return_logits=True,
+                           **kwargs)
+    assert out.shape == (len(prompts), ids.shape[1] + new_tokens) and out.dtype == np.int32
+    assert logits.shape == (len(prompts), new_tokens, model.config.vocab_size)
+    expected = [_oracle(model, p, new_tokens) for p in prompts]
+    for b, prompt in enumerate(prompts):
+        L = len(prompt)
+        if side == "left":
+            row = out[b, ids.shape[1] - L:]
+            assert (out[b, :ids.shape[1] - L] == 7).all()
+        else:
+            row = out[b, :L + new_tokens]
+            assert (out[b, L + new_tokens:] == 0).all()   # pad_token_id after the new tokens
+        np.testing.assert_array_equal(row, expected[b], err_msg=f"row {b}")
+    full = _full_sequence_logits(model, expected)
+    worst = 0.0
+    for b, prompt in enumerate(prompts):
+        L = len(prompt)
+        worst = max(worst, float(np.abs(logits[b] - full[b, L - 1:L - 1 + new_tokens]).max()))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    config = LlamaConfig(num_key_value_heads=2, attention="cca", group_size=4, window_size=16,
+                         vocab_size=256, num_hidden_layers=2)
+    return {attention: LlamaForCausalLM(config.replace(attention=attention), rngs=nnx.Rngs(0))
+            for attention in ("cca", "full")}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    # Shorter than w = 16 (5, 11), about w (16), longer than w + g (29).
+    return [rng.integers(1, 256, n).astype(np.int32) for n in (5, 29, 16, 11)]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_random_model_cca_cache_is_exact(tiny_models, prompts, side):
+    model = tiny_models["cca"]
+    new_tokens = 30   # 5 + 30 crosses w, and 8 group boundaries, during decoding
+    assert visible_core_count(5 - 1, 4, 16) == 0 < visible_core_count(5 + 30 - 2, 4, 16)
+    worst = _check_against_oracle(model, prompts, new_tokens, side)
+    print(f"random model, {side} padding: max |logit difference| {worst:.2e}")
+    assert worst < TOLERANCE, worst
+
+
+def test_random_model_window_not_multiple_of_group(prompts):
+    config = LlamaConfig(num_key_value_heads=1, num_attention_heads=4, attention="cca",
+                         group_size=3, window_size=10, num_hidden_layers=2)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(1))
+    worst = _check_against_oracle(model, prompts[:2], 20, "left")
+    print(f"random model, g=3, w=10: max |logit difference| {worst:.2e}")
+    assert worst < TOLERANCE, worst
+
+
+def test_random_model_full_cache_is_exact(tiny_models, prompts):
+    worst = _check_against_oracle(tiny_models["full"], prompts[:3], 12, "right")
+    print(f"random model, full cache: max |logit difference| {worst:.2e}")
+    assert worst < TOLERANCE, worst
+
+
+def test_attention_argument_overrides_the_model_config(tiny_models, prompts):
+    """attention="full" on a CCA-configured model is the full model's generation; and the two
+    attentions really differ on these lengths (so the exactness tests above can fail)."""
+    ids, mask = _batch(prompts, "left")
+    as_full = generate(tiny_models["cca"], ids, 10, attention="full", attention_mask=mask)
+    np.testing.assert_array_equal(as_full, generate(tiny_models["full"], ids, 10,
+                                                    attention_mask=mask))
+    sequence = jnp.asarray(as_full[1:2])
+    difference = np.abs(np.asarray(tiny_models["cca"](sequence))
+                        - np.asarray(tiny_models["full"](sequence)))
+    assert difference[0, :16].max() < 1e-5            # inside the window CCA is causal
+    assert difference[0, 20:].max() > 100 * TOLERANCE
+
+
+def test_sampling_is_seeded_and_top_p_to_zero_is_greedy(tiny_models, prompts):
+    model = tiny_models["cca"]
+    ids = prompts[1][None]
+    a = generate(model, ids, 12, temperature=1.0, seed=3)
+    b = generate(model, ids, 12, temperature=1.0, seed=3)
+    c = generate(model, ids, 12, temperature=1.0, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = generate(model, ids, 12)
+    np.testing.assert_array_equal(generate(model, ids, 12, temperature=0.7, top_p=1e-6), greedy)
+
+
+def test_zero_new_tokens_returns_the_prompt(tiny_models, prompts):
+    ids = prompts[0][None]
+    np.testing.assert_array_equal(generate(tiny_models["cca"], ids, 0), ids)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(input_ids=np.zeros((1, 0), np.int32)), "empty"),
+    (dict(attention_mask=np.zeros((1, 5), np.int32)), "empty prompt"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be an int >= 0"),
+    (dict(max_length=4), "longer than the cache"),
+    (dict(max_length=6), "need a cache of 9 positions"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(attention="sparse"), "attention must be one of"),
+    (dict(decode_implementation="cuda"), "decode implementation"),
+])
+def test_bad_input_is_a_clear_error(tiny_models, kwargs, match):
+    args = dict(model=tiny_models["cca"], input_ids=np.arange(1, 6, dtype=np.int32)[None],
+                max_new_tokens=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(**args)
+
+
+# ---------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct, float32.
+
+SMOL_TEXT = ("Anna keeps a notebook of small facts. On Monday she wrote that the bakery on "
+             "Elm Street opens at seven, that her neighbour's dog is called Biscuit, and that "
+             "the train to the coast leaves from platform four. On Tuesday she added that the "
+             "library closes early on Fridays.")
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    pytest.importorskip("torch", reason="the extra [torch] is needed to materialise SmolLM2 "
+                                        "with transformers")
+    from convert.smollm2 import materialize_smollm2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return materialize_smollm2(tmp_path_factory.mktemp("smollm2") / "hf", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def smollm2_prompts(smollm2_dir):
+    from cca_jax.loading import load_tokenizer
+    ids = np.asarray(load_tokenizer(smollm2_dir)(SMOL_TEXT)["input_ids"], np.int32)
+    assert 55 <= len(ids) <= 70, len(ids)
+    return [ids, ids[-20:]]          # ~60 tokens (> w = 32) and 20 tokens (< w)
+
+
+def test_smollm2_cca_cache_is_exact(smollm2_dir, smollm2_prompts):
+    """g = 8, w = 32, 30 new tokens: the 20-token prompt crosses the window edge during
+    decoding (c(m) > 0 from m = 39), both rows cross group boundaries."""
+    from cca_jax import from_pretrained
+    model = from_pretrained(smollm2_dir, attention="cca", group_size=8, window_size=32,
+                            dtype="float32")
+    worst = _check_against_oracle(model, smollm2_prompts, 30, "left")
+    print(f"SmolLM2-135M: max |logit difference| {worst:.2e}")
+    assert worst < TOLERANCE, worst
+
+
+def _run_cli(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_converted_dir(smollm2_dir, tmp_path_factory):
+    """A small random model with SmolLM2's vocabulary and tokenizer, in our converted format
+    (the CLI path without 30 layers of compile time)."""
+    from convert.checkpoint import save_converted
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, eos_token_id=2)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return save_converted(tmp_path_factory.mktemp("tiny") / "model", params, config,
+                          tokenizer_src=smollm2_dir)
+
+
+def test_cli_streams_text_and_reports(tiny_converted_dir, tmp_path, capsys):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(SMOL_TEXT, encoding="utf-8")
+    code, out, err = _run_cli(capsys, [
+        "--model", str(tiny_converted_dir), "--prompt-file", str(prompt_file),
+        "--max-new-tokens", "12", "--attention", "cca", "--group-size", "4",
+        "--window-size", "16", "--ignore-eos"])
+    assert code == 0, err
+    assert out.strip(), "no text streamed"
+    assert "prefill: " in err and "tokens/s" in err and "a full cache would take" in err
+    assert "decode: 12 tokens, 11 decode steps" in err
+    # The streamed text is the decoded greedy continuation.
+    from cca_jax import from_pretrained
+    from cca_jax.loading import load_tokenizer
+    tokenizer = load_tokenizer(tiny_converted_dir)
+    model = from_pretrained(tiny_converted_dir, attention="cca", group_size=4, window_size=16)
+    ids = np.asarray(tokenizer(SMOL_TEXT)["input_ids"], np.int32)[None]
+    expected = generate(model, ids, 12)[0, ids.shape[1]:]
+    assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+
+
+def test_cli_sampling_and_full_attention(tiny_converted_dir, capsys):
+    code, out, err = _run_cli(capsys, [
+        "--model", str(tiny_converted_dir), "--prompt", "Hello there", "--max-new-tokens", "5",
+        "--attention", "full", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1",
+        "--ignore-eos"])
+    assert code == 0, err
+    assert "attention=full" in err and "decode: 5 tokens" in err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0"),
+    (["--prompt", "   "], "the prompt is empty"),
+    (["--tokenizer", "/nonexistent/tokenizer"], "tokenizer directory"),
+    (["--max-length", "1"], "longer than the cache"),
+    (["--max-length", "3"], "need a cache of 5 positions"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "does not exist"),
+])
+def test_cli_bad_input_is_a_clear_error_with_nothing_written(tiny_converted_dir, capsys,
+                                                             extra, match):
+    argv = ["--model", str(tiny_converted_dir), "--max-new-tokens", "4", "--prompt", "Hello there"]
+    for i in range(0, len(extra), 2):
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        elif extra[i] == "--prompt-file":
+            j = argv.index("--prompt")
+            argv[j:j + 2] = extra[i:i + 2]
+        else:
+            argv += extra[i:i + 2]
+    code, out, err = _run_cli(capsys, argv)
+    assert code == 2
+    assert out == ""
+    assert match in err and err.startswith("error: ")
+
+
+def test_cli_model_directory_without_tokenizer(smollm2_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).symlink_to(smollm2_dir / name)
+    code, out, err = _run_cli(capsys, ["--model", str(bare), "--prompt", "Hi",
+                                       "--max-new-tokens", "2"])
+    assert code == 2 and out == "" and "no tokenizer files" in err
