@@ -5,6 +5,10 @@
 Hugging Face's `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj` becomes
 `layers[N].self_attn.q_proj.kernel`, stored `[in, out]`), so converting weights is a rename
 plus a transpose. Qwen2-style q/k/v biases are supported through `attention_bias`.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`) as
+metadata; `train/sharding.py` maps them to mesh axes. `LlamaConfig.remat` rematerialises each
+decoder layer in the backward pass ("none", "full" or "dots", see `REMAT_POLICIES`).
 """
 from __future__ import annotations
 
@@ -17,11 +21,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cca_jax.attention import (CCA_IMPLEMENTATIONS, CCAAttention, check_attention_kind,
-                               _check_positive_int)
+                               _check_positive_int, partitioned)
 from cca_jax.rope import normalize_rope_scaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+# Per-decoder-layer rematerialisation: what a layer keeps for the backward pass.
+#   none  keep everything (fastest, most memory)
+#   full  keep only the layer input; recompute the whole layer in the backward pass
+#   dots  keep the outputs of the weight matrix products (no batch dimensions), recompute
+#         the rest (norms, activations, attention)
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def to_jnp_dtype(name: str, argument: str = "dtype"):
@@ -59,6 +73,7 @@ class LlamaConfig:
     attention_implementation: str = "auto"
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
+    remat: str = "none"           # per-layer rematerialisation policy, see REMAT_POLICIES
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):
@@ -83,6 +98,9 @@ class LlamaConfig:
                              f"got {self.attention_implementation!r}")
         to_jnp_dtype(self.dtype, "dtype")
         to_jnp_dtype(self.param_dtype, "param_dtype")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, "
+                             f"got {self.remat!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -116,7 +134,8 @@ class RMSNorm(nnx.Module):
     """Root-mean-square norm computed in float32, as transformers does."""
 
     def __init__(self, size: int, eps: float, dtype, param_dtype):
-        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((size,), param_dtype), out_sharding=("embed",),
+                                eager_sharding=False)
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x):
@@ -129,13 +148,16 @@ class LlamaMLP(nnx.Module):
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
         dtype, pdtype = DTYPES[config.dtype], DTYPES[config.param_dtype]
 
-        def linear(n_in, n_out):
+        def linear(n_in, n_out, axes):
             return nnx.Linear(n_in, n_out, use_bias=config.mlp_bias, dtype=dtype,
-                              param_dtype=pdtype, rngs=rngs)
+                              param_dtype=pdtype,
+                              kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
+                              bias_init=partitioned(nnx.initializers.zeros_init(), axes[1:]),
+                              rngs=rngs)
 
-        self.gate_proj = linear(config.hidden_size, config.intermediate_size)
-        self.up_proj = linear(config.hidden_size, config.intermediate_size)
-        self.down_proj = linear(config.intermediate_size, config.hidden_size)
+        self.gate_proj = linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"))
+        self.up_proj = linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"))
+        self.down_proj = linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"))
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -162,20 +184,30 @@ class LlamaDecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _call_layer(layer, x, positions):
+    return layer(x, positions)
+
+
 class LlamaForCausalLM(nnx.Module):
     """`model(input_ids [B, L], positions=None)` -> float32 logits `[B, L, vocab_size]`."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         dtype, pdtype = DTYPES[config.dtype], DTYPES[config.param_dtype]
+        embed_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
-                                      param_dtype=pdtype, rngs=rngs)
+                                      param_dtype=pdtype,
+                                      embedding_init=partitioned(embed_init, ("vocab", "embed")),
+                                      rngs=rngs)
         self.layers = nnx.List([LlamaDecoderLayer(config, rngs)
                                 for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, pdtype)
         if not config.tie_word_embeddings:
-            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
-                                      dtype=dtype, param_dtype=pdtype, rngs=rngs)
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                param_dtype=pdtype,
+                kernel_init=partitioned(nnx.initializers.lecun_normal(), ("embed", "vocab")),
+                rngs=rngs)
 
     def hidden_states(self, input_ids, positions=None):
         """Final normalised hidden states [B, L, hidden_size] (before the vocabulary head)."""
@@ -185,8 +217,12 @@ class LlamaForCausalLM(nnx.Module):
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)} "
                              f"{getattr(input_ids, 'dtype', '')}")
         x = self.embed_tokens(input_ids)
+        policy = self.config.remat
         for layer in self.layers:
-            x = layer(x, positions)
+            if policy == "none":
+                x = layer(x, positions)
+            else:
+                x = nnx.remat(_call_layer, policy=REMAT_POLICIES[policy])(layer, x, positions)
         return self.norm(x)
 
     def logits(self, hidden):

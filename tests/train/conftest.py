@@ -1,0 +1,72 @@
+"""Fixtures for the fine-tuning tests: a tiny random model, a small corpus, and a runner for
+`python -m train.finetune` in a subprocess with 8 CPU devices (XLA_FLAGS must be set before
+jax starts, so multi-device runs never share this pytest process)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.train.tiny import make_corpus, make_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+# One small trajectory shared by the 8x1, 4x2 and resume tests (float32 on the CPU).
+TINY_ARGS = ["--seq-len", "32", "--group-size", "4", "--window-size", "8", "--batch-size", "8",
+             "--lr", "3e-3", "--warmup-steps", "2", "--eval-sequences", "8", "--seed", "3"]
+
+
+def finetune_env(devices: int = 8) -> dict:
+    """Environment of a child process with `devices` CPU devices, offline."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def finetune_command(args) -> list[str]:
+    return [sys.executable, "-m", "train.finetune", *map(str, args)]
+
+
+def run_finetune(args, devices: int = 8, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(finetune_command(args), cwd=REPO, env=finetune_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Tiny:
+    def __init__(self, root: Path):
+        self.root = root
+        self.model = make_tiny_model(root / "model")
+        self.train = make_corpus(root / "train", documents=12, seed=0)
+        self.eval = make_corpus(root / "eval", documents=3, seed=1)
+
+    def args(self, out: Path, *extra) -> list:
+        return ["--model", self.model, "--data", *self.train, "--eval-data", *self.eval,
+                "--out", out, *TINY_ARGS, *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    return Tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def run_8x1(tiny, tmp_path_factory):
+    """The uninterrupted reference: 6 steps on an 8x1 mesh."""
+    out = tmp_path_factory.mktemp("run") / "8x1"
+    result = run_finetune(tiny.args(out, "--mesh", "8x1", "--steps", "6", "--save-every", "2",
+                                    "--eval-every", "3"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result

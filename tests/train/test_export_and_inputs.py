@@ -1,0 +1,152 @@
+"""The exported model, Hugging Face input directories, and bad input (in this process: no
+multi-device jax needed, and every error must come before any compute)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.train.conftest import read_jsonl, run_finetune
+from train import finetune
+
+
+def test_export_is_the_trained_model_and_converts_to_hugging_face(tiny, run_8x1, tmp_path):
+    import jax.numpy as jnp
+
+    from cca_jax import from_pretrained
+    from cca_jax.convert import converted_to_hf
+    from cca_jax.loading import load_tokenizer
+    from convert.checkpoint import read_converted_config
+    from train import data
+    from train.step import token_nll
+
+    out = run_8x1[0]
+    export = out / "export"
+    config = read_converted_config(export)
+    assert (config.attention, config.group_size, config.window_size) == ("cca", 4, 8)
+    assert config.param_dtype == "float32" and config.remat == "none"
+    model = from_pretrained(export, attention="cca", group_size=4, window_size=8)
+    tokenizer = load_tokenizer(export)
+    stream = data.tokenize_stream(data.load_texts(tiny.eval), tokenizer,
+                                  tokenizer.eos_token_id)
+    tokens = data.eval_sequences(data.PackedTokens(stream, 32), 8)
+    total, count = token_nll(model, jnp.asarray(tokens), 1024)
+    final = read_jsonl(out / "eval.jsonl")[-1]
+    assert abs(float(total) / count - final["loss"]) < 1e-4
+
+    hf_dir = converted_to_hf(export, tmp_path / "hf")
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
+
+
+def test_hugging_face_directory_as_model(tiny, tmp_path):
+    """--model accepts a Hugging Face directory (here written from the tiny model)."""
+    from convert.checkpoint import load_converted
+    from convert.hf import write_hf_dir
+
+    config, params = load_converted(tiny.model)
+    hf_dir = write_hf_dir(tmp_path / "hf", params, config, tokenizer_src=tiny.model)
+    out = tmp_path / "run"
+    result = run_finetune(["--model", hf_dir, "--data", *tiny.train, "--out", out,
+                           "--seq-len", "16", "--attention", "full", "--batch-size", "4",
+                           "--grad-accum", "2", "--mesh=-1x2", "--steps", "2",
+                           "--eval-sequences", "2", "--remat", "full",
+                           "--export-dtype", "bfloat16"], devices=4)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fsdp=2 x tensor=2" in result.stdout
+    assert "held-out: the last" in result.stdout
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+    exported = json.loads((out / "export" / "cca_config.json").read_text())
+    assert exported["param_dtype"] == "bfloat16" and exported["attention"] == "full"
+
+
+def _fails(capsys, argv, *needles):
+    start = time.perf_counter()
+    assert finetune.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert time.perf_counter() - start < 60
+    return err
+
+
+def test_missing_data_file(tiny, tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    _fails(capsys, ["--model", tiny.model, "--data", missing, "--out", tmp_path / "o"],
+           "--data", "does not exist", str(missing))
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_data(tiny, tmp_path, capsys):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    _fails(capsys, ["--model", tiny.model, "--data", tmp_path / "x.csv", "--out", tmp_path / "o"],
+           "unsupported suffix")
+    _fails(capsys, ["--model", tiny.model, "--data", tmp_path, "--out", tmp_path / "o"],
+           "not a saved Hugging Face dataset")
+
+
+def test_empty_corpus(tiny, tmp_path, capsys):
+    for i in range(2):
+        (tmp_path / f"empty{i}.txt").write_text("  \n")
+    _fails(capsys, ["--model", tiny.model, "--data", tmp_path / "empty0.txt",
+                    tmp_path / "empty1.txt", "--out", tmp_path / "o", "--seq-len", "32",
+                    "--window-size", "8", "--group-size", "4"],
+           "training corpus is empty")
+    (tmp_path / "short.txt").write_text("the king sleeps")
+    _fails(capsys, ["--model", tiny.model, "--data", tmp_path / "short.txt", "--out",
+                    tmp_path / "o", "--seq-len", "32", "--window-size", "8", "--group-size", "4"],
+           "too few for 1 sequence")
+    assert not (tmp_path / "o").exists()
+
+
+def test_seq_len_shorter_than_window_plus_group(tiny, tmp_path, capsys):
+    _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--out", tmp_path / "o",
+                    "--seq-len", "64", "--window-size", "60", "--group-size", "8"],
+           "--seq-len 64 is shorter than window_size + group_size", "68", "--attention full")
+    # With full attention the window does not matter.
+    args = finetune.build_parser().parse_args(["--seq-len", "64", "--window-size", "60",
+                                               "--attention", "full"])
+    finetune.check_arguments(args)
+
+
+def test_mesh_that_does_not_fit(tiny, tmp_path, capsys):
+    import jax
+
+    n = jax.device_count()
+    _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--out", tmp_path / "o",
+                    "--mesh", f"{n + 2}x1"],
+           f"--mesh {n + 2}x1 needs {n + 2} devices, but {n} are available")
+    _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--out", tmp_path / "o",
+                    "--mesh", "4"], "DxT or DxFxT")
+
+
+def test_batch_must_split_over_the_mesh(tiny, tmp_path):
+    result = run_finetune(tiny.args(tmp_path / "o", "--mesh", "8x1", "--batch-size", "4"))
+    assert result.returncode == 2
+    assert "must be a multiple of the batch axes of the mesh (8" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_every_flag():
+    text = finetune.build_parser().format_help()
+    for flag in ("--model", "--data", "--out", "--steps", "--seq-len", "--batch-size",
+                 "--attention", "--group-size", "--window-size", "--lr", "--warmup-steps",
+                 "--save-every", "--eval-every", "--resume", "--rope-theta", "--rope-scaling",
+                 "--seed", "--mesh", "--grad-accum", "--remat", "--dtype"):
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("linear:4", (("factor", 4.0), ("rope_type", "linear"))),
+    ('{"rope_type": "dynamic", "factor": 2}', (("factor", 2), ("rope_type", "dynamic"))),
+    ("none", "none"),
+])
+def test_rope_scaling_flag(text, expected):
+    assert finetune.parse_rope_scaling(text) == expected
+
+
+def test_rope_scaling_flag_errors():
+    with pytest.raises(finetune.UsageError, match="rope"):
+        finetune.parse_rope_scaling("wobble:2")
+    with pytest.raises(finetune.UsageError, match="TYPE:FACTOR"):
+        finetune.parse_rope_scaling("linear:x")

@@ -1,0 +1,127 @@
+"""`python -m train.finetune` end to end on 8 CPU devices with a tiny random model."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests.train.conftest import (REPO, finetune_command, finetune_env, read_jsonl,
+                                  run_finetune)
+
+
+def test_8x1_loss_goes_down_and_everything_is_sharded_8_ways(run_8x1):
+    out, result = run_8x1
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    for m in metrics:
+        assert set(m) == {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+        assert np.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["tokens_per_s"] > 0
+    losses = [m["loss"] for m in metrics]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert metrics[0]["lr"] == pytest.approx(1.5e-3) and metrics[-1]["lr"] == pytest.approx(3e-3)
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    assert evals[2]["perplexity"] < evals[1]["perplexity"] < evals[0]["perplexity"]
+    assert "step 3: held-out perplexity" in result.stdout
+    assert "held-out perplexity: before" in result.stdout
+    assert "mesh data=1 x fsdp=8 x tensor=1" in result.stdout
+
+    # Shardings as recorded from the live arrays' .sharding at the end of the run.
+    report = json.loads((out / "shardings.json").read_text())
+    params = [r for r in report if r["path"].startswith("['params']")]
+    opt = [r for r in report if r["path"].startswith("['opt_state']")]
+    assert len(params) == 21 and len(opt) >= 2 * len(params)
+    for r in report:
+        assert r["devices"] == 8, r
+        if r["shape"]:   # every array except the optimizer's scalar step counter is split
+            assert not r["fully_replicated"], r
+            assert int(np.prod(r["shard_shape"])) * 8 == int(np.prod(r["shape"])), r
+        else:
+            assert "count" in r["path"], r
+
+
+def test_4x2_gives_the_step_1_loss_of_8x1(tiny, run_8x1, tmp_path):
+    out = tmp_path / "4x2"
+    result = run_finetune(tiny.args(out, "--mesh", "4x2", "--steps", "1", "--eval-sequences",
+                                    "0", "--no-export"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fsdp=4 x tensor=2" in result.stdout
+    step1 = read_jsonl(out / "metrics.jsonl")[0]["loss"]
+    reference = read_jsonl(run_8x1[0] / "metrics.jsonl")[0]["loss"]
+    assert abs(step1 - reference) < 1e-4, (step1, reference)
+    report = json.loads((out / "shardings.json").read_text())
+    q_path = "['params']['layers']['0']['self_attn']['q_proj']['kernel']"
+    q = next(r for r in report if r["path"] == q_path)
+    assert q["spec"] == "P('fsdp', 'tensor')" and q["shard_shape"] == [16, 32]
+    assert all(r["devices"] == 8 for r in report)
+
+
+def test_interrupted_run_resumes_with_identical_losses(tiny, run_8x1, tmp_path):
+    out = tmp_path / "resumed"
+    common = ["--mesh", "8x1", "--steps", "6", "--save-every", "2"]
+    # 1. stop after 3 updates (checkpoints at 2 and 3).
+    first = run_finetune(tiny.args(out, *common, "--stop-after", "3"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "stopped after step 3 of 6" in first.stdout
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    # 2. continue for 2 more (checkpoints at 4 and 5), then lose checkpoint 5 as a hard kill
+    #    between logging step 5 and committing its checkpoint would.
+    second = run_finetune(tiny.args(out, *common, "--resume", "--stop-after", "2"))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resumed from step 3" in second.stdout
+    shutil.rmtree(out / "checkpoints" / "5")
+    # 3. resume from 4: the log line of step 5 is dropped and redone, then on to the end.
+    third = run_finetune(tiny.args(out, *common, "--resume"))
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "resumed from step 4" in third.stdout
+    resumed = read_jsonl(out / "metrics.jsonl")
+    reference = read_jsonl(run_8x1[0] / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for got, want in zip(resumed, reference):
+        assert abs(got["loss"] - want["loss"]) < 1e-5, (got, want)
+        assert abs(got["grad_norm"] - want["grad_norm"]) < 1e-4 * max(1, want["grad_norm"])
+    final = read_jsonl(out / "eval.jsonl")
+    assert final[0]["step"] == 0 and final[-1]["step"] == 6
+    assert abs(final[-1]["loss"] - read_jsonl(run_8x1[0] / "eval.jsonl")[-1]["loss"]) < 1e-5
+
+
+def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_old_directory(tiny, run_8x1,
+                                                                               tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(run_8x1[0], out)
+    again = run_finetune(tiny.args(out, "--mesh", "8x1", "--steps", "8"), devices=8)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    other = run_finetune(tiny.args(out, "--mesh", "8x1", "--steps", "8", "--resume",
+                                   "--lr", "1e-3"))
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert "--lr 0.003 -> 0.001" in other.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_last_finished_step(tiny, tmp_path):
+    out = tmp_path / "sigint"
+    args = tiny.args(out, "--mesh", "8x1", "--steps", "100000", "--eval-sequences", "0",
+                     "--no-export")
+    proc = subprocess.Popen(finetune_command(args), cwd=REPO, env=finetune_env(8),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if (out / "metrics.jsonl").is_file() and len(read_jsonl(out / "metrics.jsonl")) >= 2:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    last = read_jsonl(out / "metrics.jsonl")[-1]["step"]
+    assert f"interrupted after step {last}" in stdout
+    assert (out / "checkpoints" / str(last)).is_dir()

@@ -1,0 +1,110 @@
+"""The device mesh: `--mesh DxT` / `DxFxT` parsing, multi-host start-up, mesh construction.
+
+The mesh always has three named axes, `("data", "fsdp", "tensor")`:
+
+- `DxT` (two numbers) is `1 x D x T`: the first number shards parameters, optimizer state and
+  the batch (FSDP), the second splits heads / MLP width / vocabulary (tensor parallelism);
+- `DxFxT` (three numbers) adds a pure data-parallel axis in front: the batch is split
+  `D*F` ways, parameters and optimizer state `F` ways (and `T` ways for tensor parallelism).
+
+One number may be `-1`: it is inferred from the device count. A product that does not equal
+the device count is an error. `train/sharding.py` maps logical axis names onto these axes.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Environment variables that mean "this process is one of several" (multi-host).
+_COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS",)
+_PROCESS_COUNT_VARS = ("JAX_NUM_PROCESSES", "JAX_PROCESS_COUNT")
+_CLUSTER_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def parse_mesh(spec: str, device_count: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes for `spec` on `device_count` devices.
+
+    Raises ValueError naming the problem: malformed spec, zero or negative sizes other than
+    one `-1`, or a product that does not match the device count.
+    """
+    text = spec.strip().lower()
+    parts = text.split("x")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"--mesh must look like DxT or DxFxT (e.g. 8x1, 4x2, -1x1, 2x2x2), "
+                         f"got {spec!r}")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--mesh must be integers separated by 'x' (e.g. 8x1, 4x2, -1x1), "
+                         f"got {spec!r}") from None
+    if sizes.count(-1) > 1:
+        raise ValueError(f"--mesh may infer at most one axis with -1, got {spec!r}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"--mesh sizes must be positive (or one -1 to infer), got {spec!r}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if device_count % known:
+            raise ValueError(f"--mesh {spec}: cannot infer the -1 axis, {device_count} devices "
+                             f"are not a multiple of {known}")
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
+        raise ValueError(f"--mesh {spec} needs {math.prod(sizes)} devices, but "
+                         f"{device_count} are available ({_device_hint()}); use a mesh whose "
+                         f"product is {device_count}, or -1 for one axis")
+    if len(sizes) == 2:
+        sizes = [1] + sizes
+    return tuple(sizes)
+
+
+def _device_hint() -> str:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return "XLA_FLAGS sets the CPU device count"
+    return ("on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before "
+            "starting Python for N devices")
+
+
+def describe_mesh(sizes: tuple[int, int, int]) -> str:
+    data, fsdp, tensor = sizes
+    return (f"mesh data={data} x fsdp={fsdp} x tensor={tensor}: batch split {data * fsdp} ways, "
+            f"parameters and optimizer state {fsdp} ways (FSDP) and {tensor} ways over "
+            "heads / MLP / vocabulary")
+
+
+def make_mesh(sizes: tuple[int, int, int]):
+    """A `jax.sharding.Mesh` with axes MESH_AXES of the given sizes (automatic axis types:
+    the SPMD partitioner propagates shardings from jit's in/out shardings)."""
+    import jax
+
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is not None:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(sizes, MESH_AXES)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call `jax.distributed.initialize()` when the environment says this is a multi-process
+    run; return True if it did. Must run before anything touches the devices.
+
+    Triggers: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` or `JAX_PROCESS_COUNT`, and
+    `JAX_PROCESS_ID`, passed on when set), or a SLURM / Open MPI job with more than one task
+    (jax detects coordinator, process count and id itself).
+    """
+    import jax
+
+    coordinator = next((os.environ[v] for v in _COORDINATOR_VARS if os.environ.get(v)), None)
+    count = next((int(os.environ[v]) for v in _PROCESS_COUNT_VARS if os.environ.get(v)), None)
+    cluster = any(int(os.environ.get(v, "1") or 1) > 1 for v in _CLUSTER_VARS)
+    if coordinator is None and not cluster:
+        return False
+    kwargs = {}
+    if coordinator is not None:
+        kwargs["coordinator_address"] = coordinator
+        if count is not None:
+            kwargs["num_processes"] = count
+        if os.environ.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    return True

@@ -1,0 +1,131 @@
+"""Optimizer, chunked float32 loss, and the jitted train / eval steps (functional, sharded).
+
+- `make_optimizer`: optax AdamW after global-norm clipping, learning rate warmed up linearly
+  over `warmup_steps` updates (update `s`, 0-based, uses `lr * min(1, (s + 1) / warmup)`),
+  then constant. Paper defaults: lr 2e-5, 20 warm-up steps, clip 2.0, weight decay 0.
+- `token_nll`: summed next-token cross-entropy in float32. The vocabulary projection runs
+  chunk by chunk inside a `lax.scan` whose body is rematerialised, so neither the forward nor
+  the backward pass ever holds more than one `[batch, chunk, vocab]` logits block.
+- `make_train_step`: gradient accumulation over micro-batches (`lax.scan`), float32
+  gradients of the float32 master weights (the model computes in its `dtype`, e.g. bf16),
+  one optimizer update; returns loss, gradient norm.
+- Both steps are `jax.jit` with explicit in/out shardings; the train step donates the
+  parameters and optimizer state.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int) -> Callable:
+    if warmup_steps <= 0:
+        return optax.constant_schedule(lr)
+
+    def schedule(count):
+        return lr * jnp.minimum(1.0, (count + 1) / warmup_steps)
+    return schedule
+
+
+def make_optimizer(lr: float, warmup_steps: int, clip: float, weight_decay: float):
+    schedule = learning_rate_schedule(lr, warmup_steps)
+    parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def int_keys(tree):
+    if not isinstance(tree, Mapping):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: int_keys(v)
+            for k, v in tree.items()}
+
+
+class ModelFactory:
+    """Rebuilds the nnx model from a (string-keyed) parameter tree inside traced code."""
+
+    def __init__(self, abstract_model):
+        self.graphdef, self.abstract_state = nnx.split(abstract_model, nnx.Param)
+
+    def __call__(self, params: Mapping):
+        state = jax.tree.map(lambda x: x, self.abstract_state)
+        nnx.replace_by_pure_dict(state, int_keys(params))
+        return nnx.merge(self.graphdef, state)
+
+
+def token_nll(model, tokens, chunk: int):
+    """(sum of next-token negative log-likelihoods in float32, number of predicted tokens).
+
+    tokens: int [B, L + 1]; positions 0..L-1 for every row.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    hidden = model.hidden_states(inputs)                      # [B, L, D]
+    B, L, D = hidden.shape
+    chunk = max(1, min(chunk, L))
+    n = -(-L // chunk)
+    pad = n * chunk - L
+    mask = jnp.ones((B, L), jnp.float32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    hidden = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)    # [n, B, chunk, D]
+    targets = targets.reshape(B, n, chunk).swapaxes(0, 1)
+    mask = mask.reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_nll(h, t, m):
+        logits = model.logits(h)                              # float32 [B, chunk, vocab]
+        return (optax.softmax_cross_entropy_with_integer_labels(logits, t) * m).sum()
+
+    def body(total, xs):
+        return total + chunk_nll(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
+    return total, B * L
+
+
+def make_train_step(factory: ModelFactory, tx, *, chunk: int, param_shardings,
+                    opt_shardings, batch_sharding, mesh):
+    """jit(params, opt_state, batch [accum, micro, L+1]) -> (params, opt_state, metrics)."""
+    def loss_fn(params, tokens):
+        total, count = token_nll(factory(params), tokens, chunk)
+        return total, count
+
+    def step(params, opt_state, batch):
+        def micro(carry, tokens):
+            grads_sum, loss_sum = carry
+            (total, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + total), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, total), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), batch)
+        count = batch.shape[0] * batch.shape[1] * (batch.shape[2] - 1)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": total / count, "grad_norm": grad_norm}
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_sharding),
+                   out_shardings=(param_shardings, opt_shardings,
+                                  {"loss": replicated, "grad_norm": replicated}),
+                   donate_argnums=(0, 1))
+
+
+def make_eval_step(factory: ModelFactory, *, chunk: int, param_shardings, batch_sharding,
+                   mesh):
+    """jit(params, batch [B, L+1]) -> summed float32 negative log-likelihood."""
+    def step(params, tokens):
+        total, _ = token_nll(factory(params), tokens, chunk)
+        return total
+
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
