@@ -1,0 +1,681 @@
+"""`python -m train.evaluate`: long-context quality of a model with CCA or full attention.
+
+Three measurements, each at every `--lengths` context length:
+
+- ppl: perplexity on held-out documents (the plays `train.finetune` holds out, and KJV books;
+  see `train.eval_tasks`). Each document contributes `--ppl-windows` windows that END at the
+  same token for every length, and the loss is reported on the last `--ppl-tail` tokens of
+  each window: the same tokens scored with more and more context, so long-range use shows as
+  a perplexity that falls with length. The whole-window perplexity is reported too.
+- passkey: a random 5-digit key hidden at `--depths` (percent) of repetitive filler text.
+- mdqa: synthetic multi-document QA, k documents of held-out prose each holding
+  "The code of NAME is NUMBER." facts; the question asks for one fact of the document at
+  the given depth; exact match.
+
+Answers are scored by exact match of greedy decoding. `--answer-mode forced` (default) gets
+it from one forward pass over prompt + expected answer: greedy decoding produces the answer
+exactly when the argmax at every answer position is the answer's next token (teacher
+forcing), and up to the first wrong token the argmaxes ARE the greedy tokens, so the
+prediction recorded is the greedy output up to and including its first wrong token.
+`--answer-mode generate` decodes with the cached `cca_jax.generate.generate` instead.
+
+Prints a table; writes `results.json` and PNG plots (accuracy vs length, accuracy by depth
+and length, perplexity vs length) into `--out`.
+
+    python -m train.evaluate --model PATH --lengths 1024 2048 4096 8192
+        [--attention cca|full] [--group-size G --window-size W] [--tasks ppl passkey mdqa]
+        [--rope-theta T | --rope-scaling linear:2] [--examples N] [--out DIR] [--seed S]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from train import eval_tasks as tasks_lib
+from train.eval_tasks import TASKS, TaskExample
+
+NllFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+DEFAULT_TAIL = 256
+RESULTS_FILE = "results.json"
+PLOT_FILES = ("accuracy_vs_length.png", "accuracy_by_depth.png", "perplexity_vs_length.png")
+
+
+class UsageError(ValueError):
+    """A bad argument or input, found before the model is loaded."""
+
+
+# ---------------------------------------------------------------------------------------
+# The model as functions: per-token loss, and answers.
+
+
+def _pad_rows(ids: np.ndarray, rows: int) -> np.ndarray:
+    """`ids` with its first row repeated up to `rows` rows (one compiled shape per width)."""
+    if ids.shape[0] >= rows:
+        return ids
+    return np.concatenate([ids, np.repeat(ids[:1], rows - ids.shape[0], axis=0)])
+
+
+def model_nll_fn(model, *, chunk_size: int = 1024, batch_size: int = 1) -> NllFn:
+    """`nll(ids [B, L], targets [B, L]) -> float64 [B, L]`: -log p(targets[b, i] | ids[b, :i+1]).
+
+    The vocabulary projection runs over `chunk_size` positions at a time, so no
+    [B, L, vocab] array is ever materialised. Batches smaller than `batch_size` are padded
+    to it (one compilation per length).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll(state, ids, targets):
+        m = nnx.merge(graphdef, state)
+        hidden = m.hidden_states(ids)
+        B, L, D = hidden.shape
+        chunk = min(chunk_size, L)
+        n = -(-L // chunk)
+        pad = n * chunk - L
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D)
+        targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk)
+
+        def one(args):
+            h, t = args
+            logits = m.logits(h)
+            picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+            return jax.nn.logsumexp(logits, axis=-1) - picked
+
+        out = jax.lax.map(one, (hidden.swapaxes(0, 1), targets.swapaxes(0, 1)))
+        return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :L]
+
+    def call(ids, targets):
+        ids, targets = np.asarray(ids, np.int32), np.asarray(targets, np.int32)
+        if ids.shape != targets.shape or ids.ndim != 2:
+            raise ValueError(f"ids and targets must both be [batch, length], got {ids.shape} "
+                             f"and {targets.shape}")
+        B = ids.shape[0]
+        out = nll(state, jnp.asarray(_pad_rows(ids, batch_size)),
+                  jnp.asarray(_pad_rows(targets, batch_size)))
+        return np.asarray(out, np.float64)[:B]
+
+    return call
+
+
+def greedy_prefix(argmax_tokens: Sequence[int], answer_ids: Sequence[int]) -> list[int]:
+    """Greedy tokens known from teacher forcing: the argmaxes up to the first wrong one."""
+    out = []
+    for predicted, expected in zip(argmax_tokens, answer_ids):
+        out.append(int(predicted))
+        if int(predicted) != int(expected):
+            break
+    return out
+
+
+def model_answer_fn(model, tokenizer, *, mode: str = "forced", batch_size: int = 1,
+                    extra_new_tokens: int = 2) -> tasks_lib.AnswerFn:
+    """An answer function backed by the model (greedy decoding; see the module docstring).
+
+    mode "forced": one forward pass over prompt + answer[:-1]; "generate": cached greedy
+    decoding of len(answer) + extra_new_tokens tokens with `cca_jax.generate.generate`.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if mode not in ("forced", "generate"):
+        raise ValueError(f"mode must be 'forced' or 'generate', got {mode!r}")
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames="count")
+    def last_argmax(state, ids, count):
+        """Argmax tokens [B, count] of the last `count` positions."""
+        m = nnx.merge(graphdef, state)
+        hidden = m.hidden_states(ids)[:, -count:]
+        return jnp.argmax(m.logits(hidden), axis=-1).astype(jnp.int32)
+
+    def decode(tokens) -> str:
+        return tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True)
+
+    def answer(batch: Sequence[TaskExample]) -> list[str]:
+        widths = {len(e.prompt_ids) for e in batch}
+        if len(widths) != 1:
+            raise ValueError(f"a batch must hold prompts of one length, got {sorted(widths)}")
+        L = widths.pop()
+        A = max(len(e.answer_ids) for e in batch)
+        if mode == "generate":
+            from cca_jax.generate import generate
+
+            ids = np.stack([e.prompt_ids for e in batch]).astype(np.int32)
+            out = generate(model, ids, A + extra_new_tokens)
+            return [decode(row[L:]) for row in out]
+        ids = np.zeros((len(batch), L + A - 1), np.int32)
+        for b, e in enumerate(batch):
+            continuation = list(e.answer_ids[:-1])
+            ids[b, :L + len(continuation)] = np.concatenate([e.prompt_ids, continuation])
+        argmax = np.asarray(last_argmax(state, jnp.asarray(_pad_rows(ids, batch_size)),
+                                        count=A))
+        return [decode(greedy_prefix(argmax[b], e.answer_ids)) for b, e in enumerate(batch)]
+
+    return answer
+
+
+# ---------------------------------------------------------------------------------------
+# Perplexity.
+
+
+def window_ends(num_tokens: int, max_length: int, count: int) -> list[int]:
+    """Ends (exclusive) of the input windows in a document of `num_tokens` tokens.
+
+    A window of length L is tokens [end - L, end) predicting [end - L + 1, end + 1), so every
+    end lies in [max_length, num_tokens - 1]: the same ends serve every length up to
+    `max_length`. `count` ends are spread evenly; none when the document is too short.
+    """
+    if num_tokens - 1 < max_length:
+        return []
+    ends = np.linspace(max_length, num_tokens - 1, num=count).round().astype(int)
+    return sorted(set(int(e) for e in ends))
+
+
+def _ppl(nll_sum: float, count: int) -> float:
+    return float(math.exp(nll_sum / count)) if count else float("nan")
+
+
+def perplexity_by_length(nll_fn: NllFn, documents: Sequence[tuple[str, str, np.ndarray]],
+                         lengths: Sequence[int], *, windows_per_doc: int, tail: int,
+                         batch_size: int = 1, progress: bool = False) -> dict:
+    """Perplexity on the last `tail` tokens of each window (and on whole windows) per length.
+
+    documents: (name, source, int token array). Documents shorter than max(lengths) + 1
+    tokens are skipped (listed under "skipped"), so every length scores the same tokens.
+    """
+    max_length = max(lengths)
+    if not 1 <= tail <= min(lengths):
+        raise ValueError(f"tail must be in [1, {min(lengths)}] (the smallest length), got {tail}")
+    windows, used, skipped = [], [], []
+    for name, source, tokens in documents:
+        ends = window_ends(len(tokens), max_length, windows_per_doc)
+        if not ends:
+            skipped.append({"name": name, "source": source, "tokens": int(len(tokens))})
+            continue
+        used.append({"name": name, "source": source, "tokens": int(len(tokens)),
+                     "window_ends": ends})
+        windows.extend((source, np.asarray(tokens), end) for end in ends)
+    if not windows:
+        raise ValueError(f"no held-out document has the {max_length + 1} tokens the longest "
+                         f"length needs (longest: {max((len(t) for *_, t in documents), default=0)}"
+                         " tokens); lower --lengths or add --ppl-files")
+    result = {"tail_tokens": int(tail), "windows_per_document": int(windows_per_doc),
+              "documents": used, "skipped": skipped, "by_length": {}}
+    for L in lengths:
+        sums: dict[str, list[float]] = {}
+        bar = _bar(len(windows), f"ppl L={L}", "win", progress)
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size]
+            ids = np.stack([t[e - L:e] for _, t, e in batch]).astype(np.int32)
+            targets = np.stack([t[e - L + 1:e + 1] for _, t, e in batch]).astype(np.int32)
+            nll = nll_fn(ids, targets)
+            for (source, _, _), row in zip(batch, nll):
+                for key in (source, "all"):
+                    s = sums.setdefault(key, [0.0, 0, 0.0, 0, 0])
+                    s[0] += float(row[-tail:].sum())
+                    s[1] += tail
+                    s[2] += float(row.sum())
+                    s[3] += L
+                    s[4] += 1
+            bar.update(len(batch))
+        bar.close()
+
+        def summary(s):
+            return {"ppl_tail": _ppl(s[0], s[1]), "ppl_all": _ppl(s[2], s[3]),
+                    "tokens_tail": s[1], "tokens_all": s[3], "windows": s[4]}
+
+        entry = summary(sums["all"])
+        entry["by_source"] = {k: summary(v) for k, v in sums.items() if k != "all"}
+        result["by_length"][str(L)] = entry
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Model loading.
+
+
+def with_rope(model, rope_theta: float | None = None, rope_scaling=None):
+    """The model with another RoPE base and/or scaling ("none" removes it), same weights."""
+    from flax import nnx
+
+    from cca_jax.llama import LlamaForCausalLM
+    from cca_jax.loading import load_params_into
+
+    changes = {}
+    if rope_theta is not None:
+        changes["rope_theta"] = float(rope_theta)
+    if rope_scaling is not None:
+        changes["rope_scaling"] = None if rope_scaling == "none" else rope_scaling
+    if not changes:
+        return model
+    config = model.config.replace(**changes)
+    fresh = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    return load_params_into(fresh, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+# ---------------------------------------------------------------------------------------
+# Report: table, JSON, plots.
+
+
+def _bar(total: int, desc: str, unit: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, leave=False)
+
+
+def _fmt(value, digits=2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_table(results: dict) -> str:
+    """The summary table (one row per length) and one depth x length table per task."""
+    lengths = results["lengths"]
+    ppl = results.get("perplexity")
+    header = ["length"]
+    if ppl:
+        header += [f"ppl last {ppl['tail_tokens']}", "ppl window"]
+    answer_tasks = [t for t in ("passkey", "mdqa") if t in results]
+    header += [f"{t} %" for t in answer_tasks]
+    rows = []
+    for L in lengths:
+        row = [str(L)]
+        if ppl:
+            entry = ppl["by_length"][str(L)]
+            row += [_fmt(entry["ppl_tail"]), _fmt(entry["ppl_all"])]
+        row += [_fmt(results[t]["by_length"].get(str(L)), 1) for t in answer_tasks]
+        rows.append(row)
+    lines = [f"{results['label']}"]
+    lines += _grid(header, rows)
+    if ppl and len({d["source"] for d in ppl["documents"]}) > 1:
+        sources = sorted({d["source"] for d in ppl["documents"]})
+        lines += ["", f"perplexity on the last {ppl['tail_tokens']} tokens, by source"]
+        lines += _grid(["length"] + sources,
+                       [[str(L)] + [_fmt(ppl["by_length"][str(L)]["by_source"][s]["ppl_tail"])
+                                    for s in sources] for L in lengths])
+    for task in answer_tasks:
+        cells = results[task]["by_length_depth"]
+        depths = results["depths"]
+        lines += ["", f"{task} accuracy (%) by depth"]
+        lines += _grid(["depth"] + [str(L) for L in lengths],
+                       [[f"{tasks_lib.depth_key(d)}%"] + [
+                           _fmt(cells.get(str(L), {}).get(tasks_lib.depth_key(d)), 1)
+                           for L in lengths] for d in depths])
+    return "\n".join(lines)
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+
+
+def write_plots(results: dict, out: Path) -> list[Path]:
+    """PNG plots in `out`: accuracy vs length, accuracy by depth and length, perplexity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    lengths = results["lengths"]
+    answer_tasks = [t for t in ("passkey", "mdqa") if t in results]
+    label = results["label"]
+    if answer_tasks:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for task in answer_tasks:
+            ax.plot(lengths, [results[task]["by_length"][str(L)] for L in lengths], marker="o",
+                    label=task)
+        ax.set(xlabel="context length (tokens)", ylabel="accuracy (%)",
+               ylim=(-3, 103), title=f"accuracy vs length\n{label}")
+        _length_axis(ax, lengths)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out / PLOT_FILES[0]))
+
+        fig, axes = plt.subplots(1, len(answer_tasks), figsize=(4 + 1.2 * len(lengths)
+                                                                * len(answer_tasks), 4),
+                                 squeeze=False)
+        depths = results["depths"]
+        for ax, task in zip(axes[0], answer_tasks):
+            cells = results[task]["by_length_depth"]
+            grid = np.array([[cells[str(L)][tasks_lib.depth_key(d)] for L in lengths]
+                             for d in depths])
+            ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+            ax.set_yticks(range(len(depths)), [f"{tasks_lib.depth_key(d)}%" for d in depths])
+            ax.set(xlabel="context length (tokens)", ylabel="depth", title=task)
+            for i in range(len(depths)):
+                for j in range(len(lengths)):
+                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+        fig.suptitle(f"accuracy (%) by depth and length\n{label}", fontsize=9)
+        written.append(_save(fig, out / PLOT_FILES[1]))
+    ppl = results.get("perplexity")
+    if ppl:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_length = ppl["by_length"]
+        ax.plot(lengths, [by_length[str(L)]["ppl_tail"] for L in lengths], marker="o",
+                label=f"all, last {ppl['tail_tokens']} tokens")
+        ax.plot(lengths, [by_length[str(L)]["ppl_all"] for L in lengths], marker="o",
+                linestyle="--", label="all, whole window")
+        for source in sorted({d["source"] for d in ppl["documents"]}):
+            ax.plot(lengths, [by_length[str(L)]["by_source"][source]["ppl_tail"]
+                              for L in lengths], marker=".", alpha=0.6,
+                    label=f"{source}, last {ppl['tail_tokens']}")
+        ax.set(xlabel="context length (tokens)", ylabel="perplexity",
+               title=f"held-out perplexity vs length\n{label}")
+        _length_axis(ax, lengths)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out / PLOT_FILES[2]))
+    return written
+
+
+def _length_axis(ax, lengths) -> None:
+    """Log-scaled x axis labelled with exactly the measured lengths."""
+    ax.set_xscale("log")
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.minorticks_off()
+    if len(lengths) == 1:
+        ax.set_xlim(lengths[0] / 1.5, lengths[0] * 1.5)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help text does not already say it and it is set."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or \
+                action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.evaluate",
+        description="Measure long-context quality of a model with CCA or full attention: "
+                    "held-out perplexity on the last tokens of windows of each length, "
+                    "passkey retrieval and synthetic multi-document QA (exact match of greedy "
+                    "decoding) at each length and depth. Prints a table and writes "
+                    f"{RESULTS_FILE} and PNG plots into --out.",
+        formatter_class=_HelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="PATH",
+                   help="converted cca_jax directory (python -m cca_jax.convert, or "
+                        "train.finetune's export) or Hugging Face LLaMA/Qwen2 directory")
+    g.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="tokenizer directory (default: the model directory)")
+    g.add_argument("--attention", choices=("cca", "full"), default="cca",
+                   help="attention to evaluate with")
+    g.add_argument("--group-size", type=int, default=16, metavar="G", help="CCA group size g")
+    g.add_argument("--window-size", type=int, default=1024, metavar="W",
+                   help="CCA local window w")
+    g.add_argument("--attention-implementation", default="auto",
+                   choices=("auto", "xla", "pallas", "reference"),
+                   help="attention op implementation (auto: Pallas on a GPU, XLA elsewhere)")
+    g.add_argument("--rope-theta", type=float, default=None, metavar="T",
+                   help="replace the model's RoPE base (stretches the context when larger)")
+    g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR|JSON",
+                   help="RoPE scaling for lengths beyond the model's context: 'linear:2', "
+                        "'dynamic:2', a JSON dict, or 'none' to remove the model's scaling")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (auto: bfloat16 on a GPU, float32 elsewhere)")
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--lengths", type=int, nargs="+", required=True, metavar="L",
+                   help="context lengths in tokens, e.g. 1024 2048 4096 8192")
+    g.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                   help="measurements to run")
+    g.add_argument("--depths", type=float, nargs="+", default=[0, 25, 50, 75, 100],
+                   metavar="PCT", help="where the answer sits, in percent of the context "
+                                       "(passkey, mdqa)")
+    g.add_argument("--examples", type=int, default=10, metavar="N",
+                   help="examples per (length, depth) cell (passkey, mdqa)")
+    g.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the generated examples")
+    g.add_argument("--answer-mode", choices=("forced", "generate"), default="forced",
+                   help="forced: greedy exact match from one teacher-forced pass; generate: "
+                        "cached greedy decoding (cca_jax.generate)")
+    g.add_argument("--batch-size", type=int, default=4, metavar="B",
+                   help="sequences per forward pass")
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--ppl-sources", nargs="*", choices=tasks_lib.PPL_SOURCES,
+                   default=list(tasks_lib.PPL_SOURCES),
+                   help="held-out corpora: plays (train.data.HELD_OUT_PLAYS), kjv (books "
+                        f"{', '.join(tasks_lib.KJV_HELDOUT_BOOKS)})")
+    g.add_argument("--ppl-files", nargs="*", default=[], metavar="FILE",
+                   help="extra held-out text files, one document each (source 'file')")
+    g.add_argument("--ppl-windows", type=int, default=4, metavar="N",
+                   help="windows per document (the same window ends at every length)")
+    g.add_argument("--ppl-tail", type=int, default=None, metavar="N",
+                   help=f"perplexity is reported on the last N tokens of each window, at "
+                        f"every length (default: {DEFAULT_TAIL}, or a quarter of the smallest "
+                        "length if that is less)")
+    g = p.add_argument_group("multi-document QA")
+    g.add_argument("--mdqa-doc-tokens", type=int, default=200, metavar="N",
+                   help="context tokens per document: k = max(2, round(length / N)) documents")
+    g.add_argument("--mdqa-facts", type=int, default=2, metavar="N",
+                   help="code facts per document")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: evals/<model>-<attention settings>)")
+    g.add_argument("--label", default=None,
+                   help="name of this run in the table, JSON and plots (default: from the "
+                        "model and attention settings)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def _positive(args, name: str) -> None:
+    value = getattr(args, name)
+    if value < 1:
+        raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def check_args(args) -> None:
+    """UsageError naming the bad argument; nothing is loaded. Fills in --ppl-tail."""
+    model = Path(args.model).expanduser()
+    if not model.exists():
+        raise UsageError(f"--model: {str(model)!r} does not exist")
+    if not model.is_dir():
+        raise UsageError(f"--model: {str(model)!r} is not a directory")
+    bad = [L for L in args.lengths if L < 1]
+    if bad:
+        raise UsageError(f"--lengths must all be >= 1, got {', '.join(map(str, bad))}")
+    bad = [d for d in args.depths if not 0 <= d <= 100]
+    if bad:
+        raise UsageError(f"--depths are percentages in [0, 100], got {', '.join(map(str, bad))}")
+    if args.ppl_tail is None:
+        args.ppl_tail = max(1, min(DEFAULT_TAIL, min(args.lengths) // 4))
+    for name in ("examples", "batch_size", "ppl_windows", "ppl_tail", "group_size",
+                 "window_size", "mdqa_doc_tokens", "mdqa_facts"):
+        _positive(args, name)
+    if "ppl" in args.tasks:
+        if args.ppl_tail > min(args.lengths):
+            raise UsageError(f"--ppl-tail {args.ppl_tail} exceeds the smallest length "
+                             f"{min(args.lengths)}; lower --ppl-tail")
+        if not args.ppl_sources and not args.ppl_files:
+            raise UsageError("ppl needs held-out text: give --ppl-sources and/or --ppl-files")
+    if args.rope_theta is not None and not args.rope_theta > 0:
+        raise UsageError(f"--rope-theta must be positive, got {args.rope_theta}")
+
+
+def _default_label(args) -> str:
+    name = Path(args.model).expanduser().resolve().name
+    label = f"{name}-{args.attention}"
+    if args.attention == "cca":
+        label += f"-g{args.group_size}-w{args.window_size}"
+    if args.rope_theta is not None:
+        label += f"-theta{args.rope_theta:g}"
+    if args.rope_scaling is not None:
+        label += "-rope-" + "".join(c if c.isalnum() else "_" for c in args.rope_scaling)
+    return label
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.tasks = list(dict.fromkeys(args.tasks))
+    args.lengths = sorted(set(args.lengths))
+    err = sys.stderr
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    progress = not args.no_progress
+    try:
+        check_args(args)
+        rope_scaling = None
+        if args.rope_scaling is not None:
+            from train.finetune import parse_rope_scaling
+
+            rope_scaling = parse_rope_scaling(args.rope_scaling)
+        depths = sorted(set(d / 100 for d in args.depths))
+        label = args.label or _default_label(args)
+        out = Path(args.out).expanduser() if args.out else Path("evals") / label
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out: {str(out)!r} exists and is not a directory")
+
+        from cca_jax.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        # Everything generated (and checked) before the model is loaded.
+        examples: dict[str, list[TaskExample]] = {}
+        notes = []
+        if "passkey" in args.tasks:
+            examples["passkey"] = tasks_lib.make_examples(
+                "passkey", tokenizer, args.lengths, depths, args.examples, args.seed)
+        if "mdqa" in args.tasks:
+            filler, filler_source = tasks_lib.mdqa_filler()
+            notes.append(f"mdqa filler: {filler_source}")
+            examples["mdqa"] = tasks_lib.make_examples(
+                "mdqa", tokenizer, args.lengths, depths, args.examples, args.seed,
+                filler=filler, doc_tokens=args.mdqa_doc_tokens,
+                facts_per_doc=args.mdqa_facts)
+        documents = []
+        if "ppl" in args.tasks:
+            for doc in tasks_lib.heldout_documents(args.ppl_sources, args.ppl_files):
+                ids = np.asarray(tokenizer.encode(doc.text, add_special_tokens=False), np.int32)
+                documents.append((doc.name, doc.source, ids))
+            longest = max((len(t) for *_, t in documents), default=0)
+            if longest < max(args.lengths) + 1:
+                raise UsageError(f"ppl: the longest held-out document has {longest} tokens, "
+                                 f"fewer than the {max(args.lengths) + 1} that --lengths "
+                                 f"{max(args.lengths)} needs; lower --lengths or add "
+                                 "--ppl-files")
+    except (ValueError, FileNotFoundError, NotADirectoryError, ModuleNotFoundError,
+            OSError) as error:
+        print(f"error: {error}", file=err)
+        return 2
+
+    import jax
+
+    from cca_jax.loading import from_pretrained
+
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    print(f"loading {args.model} ({dtype}, attention={args.attention}"
+          + (f", g={args.group_size}, w={args.window_size}" if args.attention == "cca" else "")
+          + f") on {jax.default_backend()} ...", file=err, flush=True)
+    try:
+        model = from_pretrained(args.model, attention=args.attention,
+                                group_size=args.group_size, window_size=args.window_size,
+                                dtype=dtype, implementation=args.attention_implementation)
+        model = with_rope(model, args.rope_theta, rope_scaling)
+    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as error:
+        print(f"error: {error}", file=err)
+        return 2
+    config = model.config
+    if max(args.lengths) > config.max_position_embeddings:
+        print(f"note: lengths up to {max(args.lengths)} exceed the model's context "
+              f"({config.max_position_embeddings} positions); rope_theta={config.rope_theta:g}"
+              f", rope_scaling={dict(config.rope_scaling) if config.rope_scaling else None}",
+              file=err, flush=True)
+    for note in notes:
+        print(f"note: {note}", file=err, flush=True)
+
+    results = {
+        "label": label,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python -m train.evaluate " + " ".join(sys.argv[1:] if argv is None
+                                                           else argv),
+        "model": str(args.model), "attention": args.attention,
+        "group_size": args.group_size if args.attention == "cca" else None,
+        "window_size": args.window_size if args.attention == "cca" else None,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
+        "max_position_embeddings": config.max_position_embeddings,
+        "dtype": dtype, "backend": jax.default_backend(), "seed": args.seed,
+        "lengths": args.lengths, "depths": depths, "tasks": args.tasks,
+        "answer_mode": args.answer_mode, "examples_per_cell": args.examples,
+        "seconds": {},
+    }
+    if "ppl" in args.tasks:
+        start = time.perf_counter()
+        nll_fn = model_nll_fn(model, batch_size=args.batch_size)
+        results["perplexity"] = perplexity_by_length(
+            nll_fn, documents, args.lengths, windows_per_doc=args.ppl_windows,
+            tail=args.ppl_tail, batch_size=args.batch_size, progress=progress)
+        for doc in results["perplexity"]["skipped"]:
+            print(f"note: ppl skips {doc['source']}/{doc['name']} ({doc['tokens']} tokens, "
+                  f"shorter than {max(args.lengths) + 1})", file=err)
+        results["seconds"]["ppl"] = round(time.perf_counter() - start, 1)
+    if examples:
+        answer_fn = model_answer_fn(model, tokenizer, mode=args.answer_mode,
+                                    batch_size=args.batch_size)
+    for task, task_examples in examples.items():
+        start = time.perf_counter()
+        records = []
+        for L in args.lengths:
+            cell = [e for e in task_examples if e.length == L]
+            bar = _bar(len(cell), f"{task} L={L}", "ex", progress)
+            records += tasks_lib.score_examples(cell, answer_fn, batch_size=args.batch_size,
+                                                progress=bar.update)
+            bar.close()
+        summary = tasks_lib.summarize(records)
+        summary["examples"] = records
+        if task == "mdqa":
+            summary["documents_per_length"] = {
+                str(L): tasks_lib.mdqa_document_count(L, args.mdqa_doc_tokens)
+                for L in args.lengths}
+            summary["facts_per_document"] = args.mdqa_facts
+        results[task] = summary
+        results["seconds"][task] = round(time.perf_counter() - start, 1)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    plots = write_plots(results, out)
+    print(format_table(results))
+    print(f"wrote {out / RESULTS_FILE} and {', '.join(p.name for p in plots)}", file=err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
