@@ -26,6 +26,7 @@ import functools
 import math
 import numbers
 import sys
+import types
 import time
 from pathlib import Path
 
@@ -467,6 +468,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{_format_bytes(stats.full_cache_bytes)} ({stats.full_cache_bytes} bytes): "
           f"{100 * saved:.1f}% less", file=err, flush=True)
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`cca_jax.generate(...)` is `cca_jax.generate.generate(...)`."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

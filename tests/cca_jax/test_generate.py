@@ -295,3 +295,20 @@ def test_cli_model_directory_without_tokenizer(smollm2_dir, tmp_path, capsys):
     code, out, err = _run_cli(capsys, ["--model", str(bare), "--prompt", "Hi",
                                        "--max-new-tokens", "2"])
     assert code == 2 and out == "" and "no tokenizer files" in err
+
+
+def test_package_level_generate_and_cli_module():
+    import subprocess
+    import sys
+
+    import cca_jax
+    assert callable(cca_jax.generate)
+    model_ids = np.array([[1, 2, 3]], np.int32)
+    model = LlamaForCausalLM(LlamaConfig(attention="cca", group_size=2, window_size=2),
+                             rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(cca_jax.generate(model, model_ids, 4),
+                                  generate(model, model_ids, 4))
+    result = subprocess.run([sys.executable, "-m", "cca_jax.generate", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--max-new-tokens" in result.stdout
+    assert "RuntimeWarning" not in result.stderr, result.stderr
