@@ -160,16 +160,21 @@ def test_cli_round_trip_is_bit_identical(make_hf_model, tmp_path, capsys, model_
                     torch_logits(original.float().eval(), ids)) == 0.0
 
 
-@pytest.mark.parametrize("fmt", ["sharded", "bin"])
-def test_sharded_safetensors_and_pytorch_bin_inputs(make_hf_model, tmp_path, fmt):
-    path, model = make_hf_model(kv_heads=2, tied=(fmt == "bin"), fmt=fmt)
-    assert (path / "model.safetensors").exists() is False
+def assert_matches_torch_directly_and_converted(path, model, tmp_path):
+    """Our logits match PyTorch's when loading the HF dir directly and after the CLI converts it."""
     ids = sample_ids()
     expected = torch_logits(model, ids)
     assert max_diff(our_logits(path, ids), expected) < 1e-4
     cca = tmp_path / "cca"
     assert cli.main([str(path), str(cca)]) == 0
     assert max_diff(our_logits(cca, ids), expected) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["sharded", "bin"])
+def test_sharded_safetensors_and_pytorch_bin_inputs(make_hf_model, tmp_path, fmt):
+    path, model = make_hf_model(kv_heads=2, tied=(fmt == "bin"), fmt=fmt)
+    assert (path / "model.safetensors").exists() is False
+    assert_matches_torch_directly_and_converted(path, model, tmp_path)
 
 
 def test_transformers4_style_config(make_hf_model, tmp_path):
@@ -180,12 +185,7 @@ def test_transformers4_style_config(make_hf_model, tmp_path):
     config = hf.llama_config_from_hf(hf.read_hf_config(path))
     assert config.rope_theta == 2000.0
     assert dict(config.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
-    ids = sample_ids()
-    expected = torch_logits(model, ids)
-    assert max_diff(our_logits(path, ids), expected) < 1e-4
-    cca = tmp_path / "cca"
-    assert cli.main([str(path), str(cca)]) == 0
-    assert max_diff(our_logits(cca, ids), expected) < 1e-4
+    assert_matches_torch_directly_and_converted(path, model, tmp_path)
 
 
 def test_check_prints_small_logit_difference(make_hf_model, tmp_path, capsys):
