@@ -504,6 +504,7 @@ def compare_with_transformers(hf_dir: str | os.PathLike, converted_dir: str | os
                               *, batch: int = 2, length: int = 64) -> dict:
     """Run transformers' PyTorch model from `hf_dir` (float32, eager attention) and ours from
     `converted_dir` (float32, full attention) on the same sample; report the logit gap."""
+    import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx
@@ -516,12 +517,15 @@ def compare_with_transformers(hf_dir: str | os.PathLike, converted_dir: str | os
         tokenizer = load_tokenizer(hf_dir)
     except Exception:  # no usable tokenizer: random ids are just as good a check
         tokenizer = None
+    # The exact float32 path: the reference attention, and full-precision matrix products
+    # (XLA's default on a GPU is TF32, which alone moves logits by ~1e-2).
     ours = from_pretrained(converted_dir, attention="full", dtype="float32",
-                           param_dtype="float32")
+                           param_dtype="float32", implementation="reference")
     ids, source = sample_input_ids(ours.config.vocab_size, tokenizer, batch=batch,
                                    length=length)
     forward = nnx.jit(lambda model, tokens: model(tokens))  # one compile beats eager ops
-    our_logits = np.asarray(forward(ours, jnp.asarray(ids)))
+    with jax.default_matmul_precision("highest"):
+        our_logits = np.asarray(forward(ours, jnp.asarray(ids)))
     del ours
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
