@@ -12,9 +12,10 @@ is logged to OUT/commands.sh:
    fine-tuned full model's, its accuracies not more than --accuracy-tolerance points below at
    any length), OUT/summary.json and OUT/comparison.png.
 
-A step whose output already exists (OUT/<run>/export for a fine-tune, OUT/<run>/results.json
-for an evaluation) is skipped, so an interrupted comparison continues where it stopped;
-`--table-only` rebuilds the comparison from what is there.
+A step whose output already exists (OUT/eval/<run>/results.json for an evaluation; for a
+fine-tune its export, OUT/finetune-*/export, or its evaluation's results) is skipped, so an
+interrupted comparison continues where it stopped; `--table-only` rebuilds the comparison
+from what is there.
 
     python -m train.experiments --model models/smollm2-135m-instruct --out runs/quality \
         --steps 500 --seq-len 8192 --windows 256 1024 --lengths 1024 2048 4096 8192
@@ -389,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         # short still leaves complete pairs; the untouched model comes last.
         steps = []
         for run in sorted(runs, key=lambda r: (not r.finetuned, r.attention != "full")):
+            done = (args.out / "eval" / run.name / "results.json").is_file()
             if run.finetuned:
+                # Not needed once its evaluation exists (its export may be gone by then).
                 folder = finetune_dir(args.out, run.attention, run.window)
                 steps.append((folder.name, finetune_command(args, run.attention, run.window),
-                              (folder / "export").is_dir()))
-            done = (args.out / "eval" / run.name / "results.json").is_file()
+                              done or (folder / "export").is_dir()))
             steps.append((f"eval-{run.name}", evaluate_command(args, run), done))
         todo = [s for s in steps if not s[2]]
         print(f"{len(steps)} steps, {len(steps) - len(todo)} already done", flush=True)

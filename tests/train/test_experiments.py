@@ -61,6 +61,12 @@ def test_plan_lists_every_step_and_marks_finished_ones(tmp_path, capsys):
     assert sum(l.startswith("# done: ") for l in printed.splitlines()) == 2
     assert X.main(argv + ["--skip-untrained"]) == 0
     assert "6 steps, 1 already done" in capsys.readouterr().out
+    # A fine-tune whose evaluation exists is not needed again, even with its export gone.
+    write_results(out, "cca-w256-ft", fake_results("c", [128], [1.0], [0.0], [0.0]))
+    assert X.main(argv) == 0
+    done = [l for l in capsys.readouterr().out.splitlines() if l.startswith("# done: ")]
+    assert len(done) == 4
+    assert "--out " + str(out / "finetune-cca-w256") in done[1]
 
 
 @pytest.mark.parametrize("ppl_excess, passkey_gap, met", [
