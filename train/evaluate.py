@@ -670,8 +670,12 @@ def main(argv: list[str] | None = None) -> int:
         results["seconds"][task] = round(time.perf_counter() - start, 1)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     plots = write_plots(results, out)
+    # results.json last and atomically: its presence means the evaluation is complete
+    # (train.experiments skips an evaluation that has one).
+    tmp = out / (RESULTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / RESULTS_FILE)
     print(format_table(results))
     print(f"wrote {out / RESULTS_FILE} and {', '.join(p.name for p in plots)}", file=err)
     return 0
