@@ -262,9 +262,7 @@ def comparison_plot(runs: list[Run], results: dict[str, dict], path: Path) -> Pa
         all_lengths = sorted({L for r in present for L in results[r.name]["lengths"]})
         ax.set_xticks(all_lengths, [str(L) for L in all_lengths])
         ax.minorticks_off()
-        if key == "perplexity":
-            ax.set_yscale("log")
-        else:
+        if key != "perplexity":
             ax.set_ylim(-3, 103)
         ax.set(xlabel="context length (tokens)", ylabel=ylabel)
         ax.grid(alpha=0.3)
