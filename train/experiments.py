@@ -320,21 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, nargs="+", default=[256, 1024],
                    help="CCA local windows w to compare")
     g = p.add_argument_group("fine-tuning (the same for every attention)")
-    g.add_argument("--steps", type=int, default=500)
-    g.add_argument("--seq-len", type=int, default=8192)
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--warmup-steps", type=int, default=25)
+    g.add_argument("--steps", type=int, default=500, help="optimizer updates per fine-tune")
+    g.add_argument("--seq-len", type=int, default=8192, help="tokens per training sequence")
+    g.add_argument("--batch-size", type=int, default=1, help="sequences per update")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, default=25, help="linear warm-up updates")
     g.add_argument("--eval-every", type=int, default=100,
                    help="held-out perplexity during fine-tuning every N updates")
     g.add_argument("--finetune-args", default="",
-                   help="extra arguments for python -m train.finetune, e.g. '--data a.txt'")
+                   help="extra arguments for python -m train.finetune, e.g. '--data a.txt' "
+                        "(a value that is one option needs '=': --finetune-args=--no-export)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    g.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                   help="evaluation context lengths in tokens")
     g.add_argument("--examples", type=int, default=20,
                    help="examples per (length, depth) cell of passkey and mdqa")
     g.add_argument("--eval-args", default="",
-                   help="extra arguments for python -m train.evaluate, e.g. '--ppl-tail 256'")
+                   help="extra arguments for python -m train.evaluate, e.g. '--ppl-tail 256' "
+                        "(a value that is one option needs '=': --eval-args=--dtype=float32)")
     g.add_argument("--ppl-tolerance", type=float, default=0.03,
                    help="target: CCA perplexity at the longest length at most this fraction "
                         "above the fine-tuned full model's")
