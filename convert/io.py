@@ -1,7 +1,8 @@
-"""Atomic output directories: a run that is interrupted never leaves a half-written result.
+"""Atomic outputs: a run that is interrupted never leaves a half-written result.
 
 Everything is written into a hidden temporary sibling of the target; only when the writer
-finishes without an exception is the temporary directory renamed onto the target.
+finishes without an exception is the temporary renamed onto the target (a directory with
+`atomic_directory`, a single file with `atomic_file`).
 """
 from __future__ import annotations
 
@@ -42,3 +43,23 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path (same suffix, so writers that infer the format from it
+    work) that replaces `path` when the block succeeds; removed on any exception."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from convert.io import atomic_file, atomic_write_text
 from train import eval_tasks as tasks_lib
 from train.eval_tasks import TASKS, TaskExample
 
@@ -345,10 +346,10 @@ def write_plots(results: dict, out: Path) -> list[Path]:
                     label=task)
         ax.set(xlabel="context length (tokens)", ylabel="accuracy (%)",
                ylim=(-3, 103), title=f"accuracy vs length\n{label}")
-        _length_axis(ax, lengths)
+        length_axis(ax, lengths)
         ax.legend()
         ax.grid(alpha=0.3)
-        written.append(_save(fig, out / PLOT_FILES[0]))
+        written.append(save_figure(fig, out / PLOT_FILES[0]))
 
         fig, axes = plt.subplots(1, len(answer_tasks), figsize=(4 + 1.2 * len(lengths)
                                                                 * len(answer_tasks), 4),
@@ -366,7 +367,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
                 for j in range(len(lengths)):
                     ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
         fig.suptitle(f"accuracy (%) by depth and length\n{label}", fontsize=9)
-        written.append(_save(fig, out / PLOT_FILES[1]))
+        written.append(save_figure(fig, out / PLOT_FILES[1]))
     ppl = results.get("perplexity")
     if ppl:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -381,14 +382,14 @@ def write_plots(results: dict, out: Path) -> list[Path]:
                     label=f"{source}, last {ppl['tail_tokens']}")
         ax.set(xlabel="context length (tokens)", ylabel="perplexity",
                title=f"held-out perplexity vs length\n{label}")
-        _length_axis(ax, lengths)
+        length_axis(ax, lengths)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        written.append(_save(fig, out / PLOT_FILES[2]))
+        written.append(save_figure(fig, out / PLOT_FILES[2]))
     return written
 
 
-def _length_axis(ax, lengths) -> None:
+def length_axis(ax, lengths) -> None:
     """Log-scaled x axis labelled with exactly the measured lengths."""
     ax.set_xscale("log")
     ax.set_xticks(lengths, [str(L) for L in lengths])
@@ -397,11 +398,13 @@ def _length_axis(ax, lengths) -> None:
         ax.set_xlim(lengths[0] / 1.5, lengths[0] * 1.5)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write atomically as PNG and close `fig`."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -673,9 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = write_plots(results, out)
     # results.json last and atomically: its presence means the evaluation is complete
     # (train.experiments skips an evaluation that has one).
-    tmp = out / (RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / RESULTS_FILE)
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     print(format_table(results))
     print(f"wrote {out / RESULTS_FILE} and {', '.join(p.name for p in plots)}", file=err)
     return 0

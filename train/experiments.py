@@ -26,13 +26,15 @@ import argparse
 import datetime
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from convert.io import atomic_write_text
+from train.evaluate import length_axis, save_figure
 
 TASKS = ("passkey", "mdqa")
 TABLE_FILE, SUMMARY_FILE, PLOT_FILE, COMMANDS_FILE = (
@@ -258,27 +260,13 @@ def comparison_plot(runs: list[Run], results: dict[str, dict], path: Path) -> Pa
                 continue
             ax.plot(lengths, [math.nan if v is None else v for v in values], marker="o",
                     linestyle="-" if r.finetuned else "--", label=r.label)
-        ax.set_xscale("log")
-        all_lengths = sorted({L for r in present for L in results[r.name]["lengths"]})
-        ax.set_xticks(all_lengths, [str(L) for L in all_lengths])
-        ax.minorticks_off()
+        length_axis(ax, sorted({L for r in present for L in results[r.name]["lengths"]}))
         if key != "perplexity":
             ax.set_ylim(-3, 103)
         ax.set(xlabel="context length (tokens)", ylabel=ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return save_figure(fig, path)
 
 
 def write_comparison(args, runs: list[Run]) -> str:
@@ -288,13 +276,13 @@ def write_comparison(args, runs: list[Run]) -> str:
     table = comparison_table(runs, results, checks, ppl_tolerance=args.ppl_tolerance,
                              accuracy_tolerance=args.accuracy_tolerance)
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(args.out / TABLE_FILE, table)
+    atomic_write_text(args.out / TABLE_FILE, table)
     summary = {"runs": {r.name: {"label": r.label, "attention": r.attention,
                                  "window": r.window, "finetuned": r.finetuned,
                                  "evaluated": r.name in results} for r in runs},
                "targets": checks, "ppl_tolerance": args.ppl_tolerance,
                "accuracy_tolerance": args.accuracy_tolerance}
-    _write_atomic(args.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(args.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     comparison_plot(runs, results, args.out / PLOT_FILE)
     return table
 
