@@ -45,10 +45,15 @@ def median_ms(fn, *args, warmup: int = 3, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def peak_bytes(fn, *args) -> int:
-    analysis = fn.lower(*args).compile().memory_analysis()
+def planned_bytes(compiled) -> int:
+    """XLA's memory plan of a compiled function: arguments + outputs + temporaries."""
+    analysis = compiled.memory_analysis()
     return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                + analysis.temp_size_in_bytes)
+
+
+def peak_bytes(fn, *args) -> int:
+    return planned_bytes(fn.lower(*args).compile())
 
 
 def make_functions(implementation: str):
