@@ -5,7 +5,7 @@ implementation of the same function (SPEC.md):
 
 - "reference": the readable dense definition in `cca_jax.reference` (small L only);
 - "xla": blocked jnp in `cca_jax.blocked`, never an `L x L` array, any backend;
-- "pallas": fused Pallas kernels (`kernels/`, Triton on a GPU; `interpret=True` runs the
+- "pallas": fused Pallas kernels (`cca_kernels/`, Triton on a GPU; `interpret=True` runs the
   same kernels on the CPU), pooling in jnp, custom VJP with Pallas backward kernels;
 - "auto": "pallas" on a GPU, "xla" elsewhere.
 """
@@ -20,8 +20,8 @@ from flax import nnx
 
 from cca_jax import blocked, reference
 from cca_jax.rope import RotaryEmbedding, apply_rope, normalize_rope_scaling
-from kernels.cca_attention import cca_attention_pallas
-from kernels.visibility import visible_core_count
+from cca_kernels.cca_attention import cca_attention_pallas
+from cca_kernels.visibility import visible_core_count
 
 # Logical axis names of parameters and activations. `train/sharding.py` holds the one table
 # that maps them to mesh axes; without a mesh they are inert metadata.

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cca_jax.reference import compute_dtype, pool_core_tokens
-from kernels.visibility import visible_core_count
+from cca_kernels.visibility import visible_core_count
 
 DEFAULT_CHUNK_SIZE = 512
 

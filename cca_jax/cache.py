@@ -27,7 +27,7 @@ a group (`(t + 1) % g == 0`) its query weighs that group and the weights are kep
 c(t) = `visible_core_count(t, g, w)` grows, the group that just became visible is pooled
 from the raw ring with its kept weights into core slot c(t) - 1 (the raw slots it covered
 are then free and get overwritten by later positions). The query attends, in one softmax, to
-core slots j < c(t) and the raw slots holding positions c(t) * g .. t (`kernels.decode`).
+core slots j < c(t) and the raw slots holding positions c(t) * g .. t (`cca_kernels.decode`).
 Cache bytes per layer and sequence: (w + g) * Hkv * d * 2 + floor((L - w) / g) * H * d * 2
 values (SPEC section 5) plus P * H * g float32 weights.
 
@@ -56,8 +56,8 @@ from flax import struct
 
 from cca_jax.attention import ATTENTION_KINDS, causal_attention, cca_attention
 from cca_jax.reference import compute_dtype
-from kernels.decode import decode_attention_pallas, decode_attention_reference
-from kernels.visibility import raw_window_start, visible_core_count
+from cca_kernels.decode import decode_attention_pallas, decode_attention_reference
+from cca_kernels.visibility import raw_window_start, visible_core_count
 
 DECODE_IMPLEMENTATIONS = ("auto", "jnp", "pallas")
 _HIGHEST = jax.lax.Precision.HIGHEST

@@ -263,25 +263,40 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
     return out
 
 
-def greedy_generate_uncached(model, input_ids, max_new_tokens: int) -> np.ndarray:
-    """Greedy continuation: returns int32 ids [B, L + max_new_tokens] (prompt included)."""
+def greedy_generate_uncached(model, input_ids, max_new_tokens: int, *,
+                             prompt_lengths=None) -> np.ndarray:
+    """Greedy continuation without a cache: one full forward pass per new token.
+
+    input_ids [B, L]. Returns int32 ids [B, L + max_new_tokens]: row b holds its prompt (the
+    first `prompt_lengths[b]` tokens of `input_ids[b]`, default all L), then its new tokens,
+    then zeros. Prompts of different lengths go in right-padded; since attention is causal,
+    the padding after a row's last token never changes that row's tokens.
+    """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must have shape [batch, length >= 1], got {input_ids.shape}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     B, L = input_ids.shape
+    lengths = np.full(B, L) if prompt_lengths is None else np.asarray(prompt_lengths)
+    if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer) or \
+            lengths.min() < 1 or lengths.max() > L:
+        raise ValueError(f"prompt_lengths must be {B} ints in [1, {L}], got {prompt_lengths!r}")
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def next_token(state, tokens, index):
         logits = nnx.merge(graphdef, state)(tokens)
-        last = jax.lax.dynamic_index_in_dim(logits, index - 1, axis=1, keepdims=False)
+        last = jnp.take_along_axis(logits, (index - 1)[:, None, None], axis=1)[:, 0]
         return jnp.argmax(last, axis=-1).astype(jnp.int32)
 
-    tokens = jnp.zeros((B, L + max_new_tokens), jnp.int32).at[:, :L].set(input_ids)
-    for index in range(L, L + max_new_tokens):
-        tokens = tokens.at[:, index].set(next_token(state, tokens, index))
+    columns = np.arange(L + max_new_tokens)
+    tokens = np.where(columns[None, :L] < lengths[:, None], input_ids, 0)
+    tokens = jnp.asarray(np.pad(tokens, ((0, 0), (0, max_new_tokens))), jnp.int32)
+    rows = jnp.arange(B)
+    for step in range(max_new_tokens):
+        index = jnp.asarray(lengths + step, jnp.int32)
+        tokens = tokens.at[rows, index].set(next_token(state, tokens, index))
     return np.asarray(tokens)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.visibility import visible_core_count
+from cca_kernels.visibility import visible_core_count
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

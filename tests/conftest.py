@@ -1,33 +1,97 @@
 """Shared test helpers: golden vectors, random CCA inputs and relative errors."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
 
-import jax
-import numpy as np
-import pytest
+REPO = Path(__file__).resolve().parents[1]
 
-# ../shared/golden beside the checkout; CCA_GOLDEN_DIR overrides it (e.g. on a device machine
-# where only the checkout travels).
-GOLDEN_DIR = Path(os.environ.get("CCA_GOLDEN_DIR")
-                  or Path(__file__).resolve().parents[1].parent / "shared" / "golden")
+# A persistent XLA compilation cache shared by the test workers and the `python -m` processes
+# the tests start (they inherit the environment): the same programs (a tiny model's train step
+# in every fine-tuning subprocess, the same attention shapes in several tests) compile once.
+# Set before jax is imported; an outer setting wins.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax-compilation"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.golden.torch_randn import TorchCPUGenerator  # noqa: E402
+
+# The authors' golden vectors, inside the repository (tests/golden/README.md).
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+
+
+def _golden_specs() -> dict[str, dict]:
+    return {case["name"]: case for case in json.loads((GOLDEN_DIR / "cases.json").read_text())}
 
 
 def golden_cases() -> list[str]:
-    cases = GOLDEN_DIR / "cases.json"
-    if not cases.is_file():
-        raise FileNotFoundError(f"golden vectors not found at {GOLDEN_DIR} (../shared/golden)")
-    return [case["name"] for case in json.loads(cases.read_text())]
+    return list(_golden_specs())
+
+
+@functools.lru_cache(maxsize=None)
+def _golden_inputs(name: str) -> dict[str, np.ndarray]:
+    """q, k, v and dout drawn again from the case's seed, each checked against its sha256."""
+    case = _golden_specs()[name]
+    B, L, H, Hkv, d = (case[key] for key in ("B", "L", "H", "Hkv", "d"))
+    generator = TorchCPUGenerator(case["seed"])
+    shapes = {"q": (B, L, H, d), "k": (B, L, Hkv, d), "v": (B, L, Hkv, d), "dout": (B, L, H, d)}
+    inputs = {}
+    for key, shape in shapes.items():
+        array = generator.randn(*shape).astype(np.float32)
+        digest = hashlib.sha256(array.tobytes()).hexdigest()
+        if digest != case["inputs_sha256"][key]:
+            raise AssertionError(f"golden case {name}: re-drawn {key} has sha256 {digest}, "
+                                 f"cases.json pins {case['inputs_sha256'][key]}")
+        array.flags.writeable = False
+        inputs[key] = array
+    return inputs
 
 
 @pytest.fixture
 def load_golden():
     def load(name: str) -> dict[str, np.ndarray]:
         with np.load(GOLDEN_DIR / f"{name}.npz") as data:
-            return {key: data[key] for key in data.files}
+            gold = {key: data[key] for key in data.files}
+        return {**_golden_inputs(name), **gold}
     return load
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory, worker_id):
+    """SmolLM2-135M-Instruct as a Hugging Face directory (bfloat16 weights), materialised once
+    per test run and shared by every test worker (a file lock makes the others wait)."""
+    pytest.importorskip("torch", reason="the extra [torch] is needed to materialise SmolLM2 "
+                                        "with transformers")
+    from filelock import FileLock
+
+    from convert.smollm2 import materialize_smollm2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # pytest-xdist gives each worker its own base temp inside one directory of the run.
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    target = root / "smollm2-hf-bfloat16"
+    with FileLock(str(root / "smollm2-hf-bfloat16.lock")):
+        if not target.is_dir():
+            materialize_smollm2(target, dtype="bfloat16")
+    return target
+
+
+def value_and_grads(fn, q, k, v, dout):
+    """(out, dq, dk, dv) of `fn(q, k, v)` with cotangent `dout`, the whole VJP jitted as one
+    program (op-by-op dispatch compiles every primitive on its own: ~7x slower here)."""
+    @jax.jit
+    def run(q, k, v, dout):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return (out, *vjp(dout))
+    return run(q, k, v, dout)
 
 
 def relative_error(x, reference) -> float:

@@ -6,8 +6,8 @@ import pytest
 
 from cca_jax import causal_attention, cca_attention
 from cca_jax.blocked import cca_blocked
-from kernels.visibility import visible_core_count
-from tests.conftest import random_qkv, relative_error
+from cca_kernels.visibility import visible_core_count
+from tests.conftest import random_qkv, relative_error, value_and_grads
 
 # (B, L, H, Hkv, d, g, w, chunk): ragged L, GQA ratios 1/2/4/8, g in {1, 3, 4, 16, 64},
 # w not a multiple of g, L < w, chunk not dividing L.
@@ -22,20 +22,15 @@ CASES = [
 ]
 
 
-def _grads(fn, q, k, v, dout):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out, *vjp(dout))
-
-
 @pytest.mark.parametrize("B,L,H,Hkv,d,g,w,chunk", CASES)
 def test_xla_matches_reference(B, L, H, Hkv, d, g, w, chunk):
     q, k, v, dout = random_qkv(L * 7 + g, B, L, H, Hkv, d)
     scale = d ** -0.5
-    ref = _grads(lambda q, k, v: cca_attention(q, k, v, group_size=g, window_size=w,
-                                               implementation="reference"), q, k, v, dout)
-    got = _grads(jax.jit(lambda q, k, v: cca_blocked(q, k, v, group_size=g, window_size=w,
-                                                     scale=scale, chunk_size=chunk)),
-                 q, k, v, dout)
+    ref = value_and_grads(lambda q, k, v: cca_attention(
+        q, k, v, group_size=g, window_size=w, implementation="reference"), q, k, v, dout)
+    got = value_and_grads(lambda q, k, v: cca_blocked(q, k, v, group_size=g, window_size=w,
+                                                      scale=scale, chunk_size=chunk),
+                          q, k, v, dout)
     assert relative_error(got[0], ref[0]) < 1e-5
     for x, y in zip(got[1:], ref[1:]):
         assert relative_error(x, y) < 1e-4
@@ -43,11 +38,11 @@ def test_xla_matches_reference(B, L, H, Hkv, d, g, w, chunk):
 
 def test_bfloat16_inputs_close_to_float32_reference():
     q, k, v, dout = random_qkv(11, 1, 333, 4, 2, 32)
-    ref = _grads(lambda q, k, v: cca_attention(q, k, v, group_size=16, window_size=40,
-                                               implementation="reference"), q, k, v, dout)
+    ref = value_and_grads(lambda q, k, v: cca_attention(
+        q, k, v, group_size=16, window_size=40, implementation="reference"), q, k, v, dout)
     cast = [x.astype(jnp.bfloat16) for x in (q, k, v, dout)]
-    got = _grads(lambda q, k, v: cca_attention(q, k, v, group_size=16, window_size=40,
-                                               implementation="xla"), *cast)
+    got = value_and_grads(lambda q, k, v: cca_attention(
+        q, k, v, group_size=16, window_size=40, implementation="xla"), *cast)
     assert got[0].dtype == jnp.bfloat16
     assert relative_error(got[0], ref[0]) < 2e-2
     for x, y in zip(got[1:], ref[1:]):

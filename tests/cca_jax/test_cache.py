@@ -14,11 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cca_jax import reference as oracle
 from cca_jax.cache import (CacheSpec, cache_bytes_for, cache_nbytes, decode_layer, init_cache,
                            normalize_padding, prefill_layer)
-from cca_jax.reference import causal_reference, cca_reference, pool_core_tokens
-from kernels.visibility import visible_core_count
+from cca_kernels.visibility import visible_core_count
 from tests.conftest import random_qkv
+
+# The oracles jitted: one compiled program each instead of one per primitive (op by op).
+cca_reference = jax.jit(oracle.cca_reference, static_argnames=("group_size", "window_size",
+                                                                "scale"))
+causal_reference = jax.jit(oracle.causal_reference, static_argnames="scale")
+pool_core_tokens = jax.jit(oracle.pool_core_tokens, static_argnames=("group_size", "scale",
+                                                                     "num_groups"))
 
 
 def _spec(attention, B, max_length, H, Hkv, d, g, w):

@@ -6,8 +6,6 @@ token equals the full-sequence logits at that position within 1e-4. Prompts are 
 longer than w, decoding crosses group boundaries and the window edge (c(m) grows during
 decoding), and the batch mixes prompt lengths with left or right padding.
 """
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +14,7 @@ from flax import nnx
 
 from cca_jax import LlamaConfig, LlamaForCausalLM
 from cca_jax.generate import generate, greedy_generate_uncached, main
-from kernels.visibility import visible_core_count
+from cca_kernels.visibility import visible_core_count
 
 TOLERANCE = 1e-4
 
@@ -47,12 +45,16 @@ def _full_sequence_logits(model, sequences):
 _ORACLE_RUNS = {}
 
 
-def _oracle(model, prompt, new_tokens):
-    """greedy_generate_uncached on one prompt, remembered (the left- and right-padded
-    batches of the same prompts share the oracle's runs)."""
-    key = (id(model), prompt.tobytes(), new_tokens)
+def _oracle(model, prompts, new_tokens):
+    """greedy_generate_uncached on the prompts (one right-padded batch), remembered: the left-
+    and right-padded batches of the same prompts share the oracle's run. Returns one 1-D
+    array per prompt: the prompt and its new tokens."""
+    key = (id(model), tuple(p.tobytes() for p in prompts), new_tokens)
     if key not in _ORACLE_RUNS:
-        _ORACLE_RUNS[key] = (model, greedy_generate_uncached(model, prompt[None], new_tokens)[0])
+        ids, _ = _batch(prompts, "right")
+        lengths = [len(p) for p in prompts]
+        out = greedy_generate_uncached(model, ids, new_tokens, prompt_lengths=lengths)
+        _ORACLE_RUNS[key] = (model, [row[:n + new_tokens] for row, n in zip(out, lengths)])
     return _ORACLE_RUNS[key][1]
 
 
@@ -65,7 +67,7 @@ def _check_against_oracle(model, prompts, new_tokens, side, **kwargs):
                            **kwargs)
     assert out.shape == (len(prompts), ids.shape[1] + new_tokens) and out.dtype == np.int32
     assert logits.shape == (len(prompts), new_tokens, model.config.vocab_size)
-    expected = [_oracle(model, p, new_tokens) for p in prompts]
+    expected = _oracle(model, prompts, new_tokens)
     for b, prompt in enumerate(prompts):
         L = len(prompt)
         if side == "left":
@@ -96,6 +98,19 @@ def prompts():
     rng = np.random.default_rng(0)
     # Shorter than w = 16 (5, 11), about w (16), longer than w + g (29).
     return [rng.integers(1, 256, n).astype(np.int32) for n in (5, 29, 16, 11)]
+
+
+def test_oracle_batches_prompts_of_different_lengths_exactly(tiny_models, prompts):
+    """The oracle's right-padded batch gives each row what that prompt alone gives."""
+    model = tiny_models["cca"]
+    ids, _ = _batch(prompts[:2], "right")
+    together = greedy_generate_uncached(model, ids, 12, prompt_lengths=[5, 29])
+    for row, prompt in zip(together, prompts[:2]):
+        alone = greedy_generate_uncached(model, prompt[None], 12)[0]
+        np.testing.assert_array_equal(row[:len(prompt) + 12], alone)
+        assert (row[len(prompt) + 12:] == 0).all()
+    with pytest.raises(ValueError, match="prompt_lengths must be 2 ints in"):
+        greedy_generate_uncached(model, ids, 3, prompt_lengths=[0, 29])
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -175,7 +190,7 @@ def test_bad_input_is_a_clear_error(tiny_models, kwargs, match):
 
 
 # ---------------------------------------------------------------------------------------
-# SmolLM2-135M-Instruct, float32.
+# SmolLM2-135M-Instruct, computed in float32.
 
 SMOL_TEXT = ("Anna keeps a notebook of small facts. On Monday she wrote that the bakery on "
              "Elm Street opens at seven, that her neighbour's dog is called Biscuit, and that "
@@ -184,12 +199,8 @@ SMOL_TEXT = ("Anna keeps a notebook of small facts. On Monday she wrote that the
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    pytest.importorskip("torch", reason="the extra [torch] is needed to materialise SmolLM2 "
-                                        "with transformers")
-    from convert.smollm2 import materialize_smollm2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return materialize_smollm2(tmp_path_factory.mktemp("smollm2") / "hf", dtype="float32")
+def smollm2_dir(smollm2_hf_dir):
+    return smollm2_hf_dir      # bfloat16 weights, loaded as float32 below
 
 
 @pytest.fixture(scope="module")

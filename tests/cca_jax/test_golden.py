@@ -1,17 +1,10 @@
 """Every implementation of cca_attention against the authors' golden vectors (float32)."""
-import jax
 import jax.numpy as jnp
 import pytest
 
 from cca_jax import cca_attention
 from cca_jax.blocked import cca_blocked
-from tests.conftest import golden_cases, relative_error
-
-
-def _run(fn, gold):
-    q, k, v = (jnp.asarray(gold[name]) for name in ("q", "k", "v"))
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(jnp.asarray(gold["dout"]))
+from tests.conftest import golden_cases, relative_error, value_and_grads
 
 
 IMPLEMENTATIONS = {
@@ -30,7 +23,8 @@ IMPLEMENTATIONS = {
 def test_matches_golden(case, implementation, load_golden):
     gold = load_golden(case)
     fn = IMPLEMENTATIONS[implementation](int(gold["g"]), int(gold["w"]))
-    out, (dq, dk, dv) = _run(fn, gold)
+    out, dq, dk, dv = value_and_grads(fn, *(jnp.asarray(gold[name])
+                                            for name in ("q", "k", "v", "dout")))
     assert out.dtype == jnp.float32
     assert relative_error(out, gold["out"]) < 1e-5
     assert relative_error(dq, gold["dq"]) < 1e-4

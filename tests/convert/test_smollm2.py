@@ -10,19 +10,17 @@ torch = pytest.importorskip("torch", reason="the extra [torch] is needed to run 
 from cca_jax import from_pretrained  # noqa: E402
 from cca_jax.generate import greedy_generate_uncached  # noqa: E402
 from cca_jax.loading import load_tokenizer  # noqa: E402
-from convert.smollm2 import materialize_smollm2  # noqa: E402
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def smollm2_dirs(tmp_path_factory):
+def smollm2_dirs(smollm2_hf_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
-    hf_dir = materialize_smollm2(root / "hf", dtype="bfloat16")
     from cca_jax import convert as convert_cli
-    assert convert_cli.main([str(hf_dir), str(root / "cca")]) == 0
-    return hf_dir, root / "cca"
+    assert convert_cli.main([str(smollm2_hf_dir), str(root / "cca")]) == 0
+    return smollm2_hf_dir, root / "cca"
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from cca_jax.reference import cca_reference, pool_core_tokens
-from kernels import cca_common
-from kernels.cca_attention import BlockSizes, cca_attention_pallas
-from kernels.visibility import visible_core_count
-from tests.conftest import golden_cases, random_qkv, relative_error
+from cca_kernels import cca_common
+from cca_kernels.cca_attention import BlockSizes, cca_attention_pallas
+from cca_kernels.visibility import visible_core_count
+from tests.conftest import golden_cases, random_qkv, relative_error, value_and_grads
 
 SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
 MIXED = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
@@ -32,15 +32,6 @@ def _pallas_cca(g, w, scale, blocks=SMALL, **kwargs):
         return cca_attention_pallas(q, k, v, core_k, core_v, group_size=g, window_size=w,
                                     scale=scale, interpret=True, block_sizes=blocks, **kwargs)
     return fn
-
-
-def _value_and_grads(fn, q, k, v, dout):
-    """(out, dq, dk, dv), jitted as one function (compiling beats op-by-op dispatch)."""
-    @jax.jit
-    def run(q, k, v, dout):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return (out, *vjp(dout))
-    return run(q, k, v, dout)
 
 
 # (B, L, H, Hkv, d, g, w, blocks): ragged L (never a multiple of 16 or of g), GQA ratios
@@ -66,9 +57,9 @@ CASES = [
 def test_matches_reference(B, L, H, Hkv, d, g, w, blocks):
     q, k, v, dout = random_qkv(1000 + L * 7 + g, B, L, H, Hkv, d)
     scale = d ** -0.5
-    ref = _value_and_grads(lambda q, k, v: cca_reference(q, k, v, group_size=g, window_size=w,
+    ref = value_and_grads(lambda q, k, v: cca_reference(q, k, v, group_size=g, window_size=w,
                                                          scale=scale), q, k, v, dout)
-    got = _value_and_grads(_pallas_cca(g, w, scale, blocks), q, k, v, dout)
+    got = value_and_grads(_pallas_cca(g, w, scale, blocks), q, k, v, dout)
     assert got[0].dtype == q.dtype and got[0].shape == q.shape
     assert relative_error(got[0], ref[0]) < 1e-5
     # Every output element written, the last ragged block included.
@@ -145,7 +136,7 @@ def test_matches_golden(case, load_golden):
     q, k, v = (jnp.asarray(gold[name]) for name in ("q", "k", "v"))
     d = q.shape[-1]
     blocks = SMALL if q.shape[1] <= 600 else BlockSizes(32, 32, 32, 32, 32, 32)
-    out, dq, dk, dv = _value_and_grads(_pallas_cca(g, w, d ** -0.5, blocks), q, k, v,
+    out, dq, dk, dv = value_and_grads(_pallas_cca(g, w, d ** -0.5, blocks), q, k, v,
                                        jnp.asarray(gold["dout"]))
     assert out.dtype == jnp.float32
     assert relative_error(out, gold["out"]) < 1e-5
@@ -160,10 +151,10 @@ def test_half_precision(dtype, B, L, H, Hkv, d, g, w):
     q, k, v, dout = (x.astype(dtype) for x in random_qkv(L + 3, B, L, H, Hkv, d))
     scale = d ** -0.5
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    ref = _value_and_grads(lambda q, k, v: cca_reference(q, k, v, group_size=g, window_size=w,
+    ref = value_and_grads(lambda q, k, v: cca_reference(q, k, v, group_size=g, window_size=w,
                                                          scale=scale),
                            f32(q), f32(k), f32(v), f32(dout))
-    got = _value_and_grads(_pallas_cca(g, w, scale), q, k, v, dout)
+    got = value_and_grads(_pallas_cca(g, w, scale), q, k, v, dout)
     assert all(x.dtype == dtype for x in got)
     for x, y in zip(got, ref):
         assert relative_error(f32(x), y) < 2e-2
@@ -172,8 +163,8 @@ def test_half_precision(dtype, B, L, H, Hkv, d, g, w):
 def test_allow_tf32_is_exact_in_interpret_mode():
     """allow_tf32 only changes GPU dots; the interpreter computes float32 products."""
     q, k, v, dout = random_qkv(5, 1, 40, 2, 1, 16)
-    ref = _value_and_grads(_pallas_cca(4, 6, 0.25), q, k, v, dout)
-    got = _value_and_grads(_pallas_cca(4, 6, 0.25, allow_tf32=True), q, k, v, dout)
+    ref = value_and_grads(_pallas_cca(4, 6, 0.25), q, k, v, dout)
+    got = value_and_grads(_pallas_cca(4, 6, 0.25, allow_tf32=True), q, k, v, dout)
     for x, y in zip(got, ref):
         assert relative_error(x, y) < 1e-5
 
@@ -241,7 +232,7 @@ def test_gpu_table_is_valid(monkeypatch):
             sizes = cca_common.default_block_sizes(d, dtype, interpret=False)
             sizes.check(False)
             if "h100" in kind and d == 128 and dtype == jnp.bfloat16:
-                # The tuned H100 row (kernels/NOTES.md).
+                # The tuned H100 row (cca_kernels/NOTES.md).
                 assert (sizes.block_q, sizes.block_k, sizes.num_warps) == (128, 128, 8)
                 assert (sizes.num_warps_bwd, sizes.num_stages_bwd) == (4, 2)
 
@@ -298,7 +289,13 @@ def test_lowers_to_triton(dtype, d, H, Hkv, L, g, w, monkeypatch):
         return out.astype(jnp.float32).sum()
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-    text = grad.trace(q, kv, kv, core, core).lower(lowering_platforms=("cuda",)).as_text()
+    # No GPU here: lower for an abstract one (jax >= 0.12 asks Pallas' Triton backend for
+    # the target GPU's kind and finds none on a CPU-only machine otherwise).
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = grad.trace(q, kv, kv, core, core).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == (4 if C else 3)
 
 
@@ -308,9 +305,9 @@ def test_large_logits():
     B, L, H, Hkv, d, g, w = 1, 75, 4, 2, 16, 4, 9
     q, k, v, dout = random_qkv(11, B, L, H, Hkv, d)
     scale = 6.0
-    ref = _value_and_grads(lambda q, k, v: cca_reference(q, k, v, group_size=g, window_size=w,
+    ref = value_and_grads(lambda q, k, v: cca_reference(q, k, v, group_size=g, window_size=w,
                                                          scale=scale), q, k, v, dout)
-    got = _value_and_grads(_pallas_cca(g, w, scale), q, k, v, dout)
+    got = value_and_grads(_pallas_cca(g, w, scale), q, k, v, dout)
     assert relative_error(got[0], ref[0]) < 1e-5
     for x, y in zip(got[1:], ref[1:]):
         assert relative_error(x, y) < 1e-4

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels.decode import (MASK_VALUE, _plan, decode_attention_pallas,
-                            decode_attention_reference, merge_partials)
+from cca_kernels import decode
+from cca_kernels.decode import MASK_VALUE, _plan, decode_attention_pallas, merge_partials
+
+# The oracle jitted: one compiled program instead of one per primitive (op by op).
+decode_attention_reference = jax.jit(decode.decode_attention_reference, static_argnames="scale")
 
 
 def _inputs(seed, B, H, Hkv, d, C, R, dtype=jnp.float32, valid_p=0.6):

@@ -1,7 +1,7 @@
 """Benchmark decoding with the compressed CCA cache against a full KV cache (a benchmark, not a
 test; it needs a GPU for the real sizes).
 
-    python -m kernels.bench_decode [--contexts 32768 65536 131072] [--e2e-prompt 65536]
+    python -m cca_kernels.bench_decode [--contexts 32768 65536 131072] [--e2e-prompt 65536]
                                    [--json FILE] [--smoke]
 
 1. One decode-attention step (one layer, one new query per sequence) at each context length,
@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.decode import decode_attention_pallas, decode_attention_reference
-from kernels.visibility import visible_core_count
+from cca_kernels.decode import decode_attention_pallas, decode_attention_reference
+from cca_kernels.visibility import visible_core_count
 
 # Largest sizes a CPU may run (the Pallas kernel in interpret mode, jnp elsewhere).
 CPU_MAX_CONTEXT = 4096
@@ -208,7 +208,7 @@ def markdown(meta, rows, e2e) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench_decode", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cca_kernels.bench_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072],
                         help="context lengths of the attention-step benchmark")
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
             if args.e2e_shape != "tiny":
                 too_big.append(f"--e2e-shape {args.e2e_shape}")
         if too_big:
-            print(f"kernels.bench_decode times decoding on a GPU; this backend is "
+            print(f"cca_kernels.bench_decode times decoding on a GPU; this backend is "
                   f"{jax.default_backend()!r}, and {', '.join(too_big)} would take far too long "
                   f"here. For a smoke run on the CPU pass --smoke (or contexts <= "
                   f"{CPU_MAX_CONTEXT}, --e2e-shape tiny and --e2e-prompt <= {CPU_MAX_PROMPT}).",
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0].device_kind
     meta = {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "command": "python -m kernels.bench_decode " + " ".join(
+            "command": "python -m cca_kernels.bench_decode " + " ".join(
                 sys.argv[1:] if argv is None else argv),
             "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
             "head_dim": args.head_dim, "g": args.group_size, "w": args.window_size,

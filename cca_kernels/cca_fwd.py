@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.cca_common import (LOG2E, MASK_VALUE, Static, block_loops, core_blocks, core_mask,
+from cca_kernels.cca_common import (LOG2E, MASK_VALUE, Static, block_loops, core_blocks, core_mask,
                                 dot, iota, raw_key_blocks, raw_mask, row_visibility)
 
 

@@ -8,18 +8,10 @@ import numpy as np
 import pytest
 
 from cca_jax import cca_attention
-from tests.conftest import golden_cases, random_qkv, relative_error
+from tests.conftest import golden_cases, random_qkv, relative_error, value_and_grads
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
-
-
-def _value_and_grads(fn, q, k, v, dout):
-    """out, dq, dk, dv of `fn`, the whole VJP compiled at once."""
-    def run(q, k, v, dout):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return (out, *vjp(dout))
-    return jax.jit(run)(q, k, v, dout)
 
 
 @pytest.mark.parametrize("case", golden_cases())
@@ -28,7 +20,7 @@ def test_float32_pallas_matches_golden_on_gpu(case, load_golden):
     g, w = int(gold["g"]), int(gold["w"])
     fn = jax.jit(lambda q, k, v: cca_attention(q, k, v, group_size=g, window_size=w,
                                                implementation="pallas"))
-    got = _value_and_grads(fn, *(jnp.asarray(gold[n]) for n in ("q", "k", "v", "dout")))
+    got = value_and_grads(fn, *(jnp.asarray(gold[n]) for n in ("q", "k", "v", "dout")))
     assert relative_error(got[0], gold["out"]) < 1e-5
     for x, name in zip(got[1:], ("dq", "dk", "dv")):
         assert relative_error(x, gold[name]) < 1e-4, name
@@ -40,10 +32,10 @@ def test_bfloat16_pallas_at_16k_against_float32_reference(H, Hkv, d):
     no NaN, and every row of the output right (an unwritten row would be far off)."""
     L, g, w = 16384, 16, 1024
     q, k, v, dout = random_qkv(L + H, 1, L, H, Hkv, d)
-    ref = _value_and_grads(jax.jit(lambda q, k, v: cca_attention(
+    ref = value_and_grads(jax.jit(lambda q, k, v: cca_attention(
         q, k, v, group_size=g, window_size=w, implementation="xla")), q, k, v, dout)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v, dout)]
-    got = _value_and_grads(jax.jit(lambda q, k, v: cca_attention(
+    got = value_and_grads(jax.jit(lambda q, k, v: cca_attention(
         q, k, v, group_size=g, window_size=w, implementation="pallas")), *bf)
     for x in got:
         assert x.dtype == jnp.bfloat16
@@ -59,9 +51,9 @@ def test_bfloat16_pallas_at_16k_against_float32_reference(H, Hkv, d):
 def test_xla_float32_is_the_reference_at_4k_on_gpu():
     """Ties the memory-lean oracle used above to the dense reference on the GPU."""
     q, k, v, dout = random_qkv(7, 1, 4096, 4, 2, 64)
-    ref = _value_and_grads(jax.jit(lambda q, k, v: cca_attention(
+    ref = value_and_grads(jax.jit(lambda q, k, v: cca_attention(
         q, k, v, group_size=16, window_size=1024, implementation="reference")), q, k, v, dout)
-    got = _value_and_grads(jax.jit(lambda q, k, v: cca_attention(
+    got = value_and_grads(jax.jit(lambda q, k, v: cca_attention(
         q, k, v, group_size=16, window_size=1024, implementation="xla")), q, k, v, dout)
     for x, y in zip(got, ref):
         assert relative_error(x, y) < 1e-5
@@ -72,10 +64,10 @@ def test_xla_float32_is_the_reference_at_4k_on_gpu():
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_half_precision_ragged_shapes(L, H, Hkv, d, g, w, dtype):
     q, k, v, dout = random_qkv(L, 2, L, H, Hkv, d)
-    ref = _value_and_grads(lambda q, k, v: cca_attention(
+    ref = value_and_grads(lambda q, k, v: cca_attention(
         q, k, v, group_size=g, window_size=w, implementation="reference"), q, k, v, dout)
     cast = [x.astype(dtype) for x in (q, k, v, dout)]
-    got = _value_and_grads(jax.jit(lambda q, k, v: cca_attention(
+    got = value_and_grads(jax.jit(lambda q, k, v: cca_attention(
         q, k, v, group_size=g, window_size=w, implementation="pallas")), *cast)
     assert relative_error(got[0], ref[0]) < 1e-2
     for x, y in zip(got[1:], ref[1:]):

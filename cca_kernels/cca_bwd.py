@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.cca_common import (MASK_VALUE, Static, block_loops, core_blocks, core_mask, dot,
+from cca_kernels.cca_common import (MASK_VALUE, Static, block_loops, core_blocks, core_mask, dot,
                                 iota, query_blocks_for_cores, query_blocks_for_keys,
                                 raw_key_blocks, raw_mask, row_visibility)
 

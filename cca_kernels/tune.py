@@ -1,11 +1,11 @@
 """Per-kernel timings of the CCA Pallas kernels for a list of block-size candidates (GPU).
 
-    python -m kernels.tune [--lengths 32768 131072] [--kv-heads 32]
+    python -m cca_kernels.tune [--lengths 32768 131072] [--kv-heads 32]
 
 Times, at B=1, H=32, d=128, g=16, w=1024, bf16: the forward kernel, the three backward
 kernels (dq, dk/dv, dcore) and the jnp pooling forward and VJP, each alone (median of
 repeats after warm-up), for every candidate in CANDIDATES. Used to fill the block-size
-table in kernels/cca_common.py; results go to kernels/NOTES.md by hand.
+table in cca_kernels/cca_common.py; results go to cca_kernels/NOTES.md by hand.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from kernels.bench import median_ms
-from kernels.cca_bwd import cca_backward_dcore, cca_backward_dkv, cca_backward_dq
-from kernels.cca_common import BlockSizes, Static, default_block_sizes
-from kernels.cca_fwd import cca_forward
-from kernels.visibility import visible_core_count
+from cca_kernels.bench import median_ms
+from cca_kernels.cca_bwd import cca_backward_dcore, cca_backward_dkv, cca_backward_dq
+from cca_kernels.cca_common import BlockSizes, Static, default_block_sizes
+from cca_kernels.cca_fwd import cca_forward
+from cca_kernels.visibility import visible_core_count
 
 H, D, G, W = 32, 128, 16, 1024
 
@@ -46,7 +46,7 @@ def candidates():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.tune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cca_kernels.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--kv-heads", type=int, default=32)

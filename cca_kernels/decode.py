@@ -6,7 +6,7 @@ sequence b and query head h (GQA: h uses key/value head h // r) it computes ONE 
     core tokens j < core_count[b]   from core_k / core_v  ([B, C, H, d], per query head)
     raw keys n with raw_valid[b, n] from raw_k / raw_v    ([B, R, Hkv, d], per KV head)
 
-Which slots are visible is decided by the caller (the cache applies `kernels.visibility`);
+Which slots are visible is decided by the caller (the cache applies `cca_kernels.visibility`);
 here the core tokens are a prefix of length `core_count` and the raw slots carry a mask, so
 the same function is also ordinary full-cache decode attention (no core, raw = the whole
 cache, mask = "position <= t").

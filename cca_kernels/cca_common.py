@@ -1,6 +1,6 @@
 """Shared pieces of the CCA Pallas kernels: block sizes, static configuration, masks, dots.
 
-Imports jax only. The visibility rule itself lives in `kernels.visibility`; every mask here is
+Imports jax only. The visibility rule itself lives in `cca_kernels.visibility`; every mask here is
 built from `visible_core_count`, never re-derived:
 
 - core token j is visible to query m iff j < c(m);
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels.visibility import visible_core_count
+from cca_kernels.visibility import visible_core_count
 
 LOG2E = math.log2(math.e)
 # Finite "minus infinity" for masked scores: exp2(MASK - x) == 0 for any finite x, and an
@@ -98,7 +98,7 @@ def default_block_sizes(head_dim: int, dtype, *, interpret: bool) -> BlockSizes:
             return BlockSizes(64, 32, 64, 32, 32, 64, num_warps=4 if not big_head else 8,
                               num_stages=2, num_warps_bwd=4 if not big_head else 8,
                               num_stages_bwd=2)
-        # Measured on an H100 (kernels/NOTES.md): 8 backward warps on 64x64 tiles ran the
+        # Measured on an H100 (cca_kernels/NOTES.md): 8 backward warps on 64x64 tiles ran the
         # backward 2x slower than 4; a 128x128 forward tile beat 128x64 by 9% at 128K.
         if big_head:
             return BlockSizes(128, 128, 64, 64, 64, 64, num_warps=8, num_stages=3,

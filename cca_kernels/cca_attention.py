@@ -31,10 +31,10 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from kernels.cca_bwd import cca_backward_dcore, cca_backward_dkv, cca_backward_dq
-from kernels.cca_common import SUPPORTED_DTYPES, BlockSizes, Static, resolve_block_sizes
-from kernels.cca_fwd import cca_forward
-from kernels.visibility import visible_core_count
+from cca_kernels.cca_bwd import cca_backward_dcore, cca_backward_dkv, cca_backward_dq
+from cca_kernels.cca_common import SUPPORTED_DTYPES, BlockSizes, Static, resolve_block_sizes
+from cca_kernels.cca_fwd import cca_forward
+from cca_kernels.visibility import visible_core_count
 
 __all__ = ["cca_attention_pallas", "BlockSizes"]
 
