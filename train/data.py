@@ -6,7 +6,9 @@ Sources (`--data PATH...`, `--eval-data PATH...`), read offline (`HF_DATASETS_OF
 - `.jsonl`, `.json`: one document per record, text in `--text-field` (default "text");
 - `.parquet`: one document per row, text in `--text-field`;
 - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (its "train"
-  split, or its only split).
+  split, or its only split);
+- a directory written by `python -m train.build_data`: sequences already tokenised and packed
+  (given alone; its held-out sequences are the default held-out set).
 
 Without `datasets` installed (the GPU image lacks it) text, jsonl and parquet files are read
 directly (parquet through pyarrow), with a note; saved dataset directories then need it.
@@ -71,7 +73,11 @@ def check_sources(paths: Sequence[str | os.PathLike], flag: str = "--data") -> l
         if not path.exists():
             raise FileNotFoundError(f"{flag}: {str(path)!r} does not exist")
         if path.is_dir():
-            if not _is_saved_dataset(path):
+            if is_built_dir(path):
+                if len(paths) > 1:
+                    raise ValueError(f"{flag}: {str(path)!r} is a train.build_data directory; "
+                                     "give it alone (its sequences are already packed)")
+            elif not _is_saved_dataset(path):
                 raise ValueError(f"{flag}: directory {str(path)!r} is not a saved Hugging Face "
                                  "dataset (no dataset_info.json / state.json / "
                                  "dataset_dict.json); pass the files inside it instead")
@@ -220,6 +226,60 @@ class ShuffledBatches:
         for p in range(self.position(step), self.position(step + 1)):
             indices.append(self._order(p // n)[p % n])
         return self.packed.sequences(indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSequences:
+    """Sequences stored as rows of `seq_len + 1` tokens (a train.build_data directory)."""
+
+    rows: np.ndarray
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows.shape[1] - 1
+
+    @property
+    def num_sequences(self) -> int:
+        return self.rows.shape[0]
+
+    def sequences(self, indices) -> np.ndarray:
+        return np.stack([np.asarray(self.rows[int(i)]) for i in indices])
+
+
+def is_built_dir(path: Path) -> bool:
+    from train.build_data import is_built_dir as built
+
+    return built(path)
+
+
+def load_built_data(path: Path, tokenizer, seq_len: int, vocab_size: int
+                    ) -> tuple[PackedSequences, PackedSequences, dict]:
+    """(training, held-out sequences, manifest) of a train.build_data directory, after
+    checking that it was built for this sequence length, tokenizer and vocabulary."""
+    from train.build_data import load_built
+
+    manifest, train, heldout = load_built(path)
+    if manifest["seq_len"] != seq_len:
+        raise ValueError(f"--data {str(path)!r} was built for --seq-len {manifest['seq_len']}, "
+                         f"not {seq_len}; rebuild it or pass --seq-len {manifest['seq_len']}")
+    built = manifest["tokenizer"]
+    if built["vocab_size"] != len(tokenizer) or built["eos_token_id"] != tokenizer.eos_token_id:
+        raise ValueError(f"--data {str(path)!r} was built with another tokenizer (vocabulary "
+                         f"{built['vocab_size']}, EOS {built['eos_token_id']}; this model's: "
+                         f"{len(tokenizer)}, EOS {tokenizer.eos_token_id})")
+    for name, digest in built.get("sha256", {}).items():
+        mine = Path(tokenizer.name_or_path) / name
+        if mine.is_file():
+            import hashlib
+
+            if hashlib.sha256(mine.read_bytes()).hexdigest() != digest:
+                raise ValueError(f"--data {str(path)!r} was built with another {name} than "
+                                 f"the model's ({str(mine)!r})")
+    largest = int(np.max(train)) if train.size else -1
+    if largest >= vocab_size:
+        raise ValueError(f"--data {str(path)!r} holds token id {largest}, outside the model's "
+                         f"vocabulary of {vocab_size}")
+    return PackedSequences(train), PackedSequences(heldout), manifest
 
 
 def eval_sequences(packed: PackedTokens, count: int) -> np.ndarray:

