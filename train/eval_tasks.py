@@ -14,15 +14,25 @@ Prompts are assembled from separately tokenised pieces, so every prompt is exact
 tokens (filler is cut to fit) and the token span of the needle / of each document is known.
 An example is a pure function of (seed, task, length, depth, index) (`example_rng`).
 
-Scoring takes any *answer function* `answer_fn(examples) -> predictions` (one string per
-example), so a model, or an oracle in a test, can be plugged in; `exact_match` compares the
-first word of the prediction, stripped of punctuation, with the answer.
+- Copying from far back (`copy_documents`): files of the held-out standard-library packages
+  (`train.sources.HELDOUT_CODE_PACKAGES`) with every identifier consistently renamed to a
+  random made-up word, so no model has seen them: predicting the later tokens of a renamed
+  identifier is possible only by copying it from an earlier occurrence in the context.
+
+Every passkey and mdqa example carries candidates: the answer first, then distractors (other
+random keys; the values of the prompt's other facts). Scoring takes any *answer function*
+`answer_fn(examples) -> [Answer]`, the greedy prediction and a log-likelihood per candidate,
+so a model, or an oracle in a test, can be plugged in. The primary accuracy is the true
+answer ranked strictly first; `exact_match` of the greedy prediction's first word (stripped
+of punctuation) is kept as a secondary column. Accuracies carry 95% Wilson intervals.
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import functools
 import importlib.util
+import keyword
 import json
 import math
 import re
@@ -32,9 +42,12 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-TASKS = ("ppl", "passkey", "mdqa")
+from train.statistics import wilson_interval
+
+TASKS = ("ppl", "passkey", "mdqa", "copy")
 ANSWER_TASKS = ("passkey", "mdqa")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_CANDIDATES = 10     # the answer and 9 distractors: chance is 10%
 
 # Passkey: the prompt of Mohtashami & Jaggi (2023), as used by the CCA paper.
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it "
@@ -91,6 +104,7 @@ class TaskExample:
     (digits). answer_ids: the tokens of `" " + answer`, the continuation greedy decoding
     must produce. needle_span: [start, end) tokens of the passkey sentence (passkey) or of
     the document holding the answer (mdqa). doc_spans: [start, end) of every document (mdqa).
+    candidates: the answer and its distractors, ranked by the model's likelihood.
     """
 
     task: str
@@ -104,12 +118,13 @@ class TaskExample:
     actual_depth: float     # where the needle really sits (sentence/document granularity)
     doc_spans: tuple[tuple[int, int], ...] = ()
     answer_doc: int = -1
+    # Ranking: the answer first, then distractors (passkey: other random 5-digit keys; mdqa:
+    # the values of other facts in the same prompt), and the tokens of " " + each.
+    candidates: tuple[str, ...] = ()
+    candidate_ids: tuple[tuple[int, ...], ...] = ()
 
     def __iter__(self):  # `prompt_ids, answer = example`
         return iter((self.prompt_ids, self.answer))
-
-
-AnswerFn = Callable[[Sequence[TaskExample]], Sequence[str]]
 
 
 class _Encoder:
@@ -172,8 +187,12 @@ def _fill(sentences: Sequence[tuple[int, ...]], start: int, budget: int
 
 
 def make_passkey_example(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
-                         index: int = 0, filler: Sequence[str] = PASSKEY_FILLER) -> TaskExample:
+                         index: int = 0, filler: Sequence[str] = PASSKEY_FILLER,
+                         candidates: int = DEFAULT_CANDIDATES) -> TaskExample:
     """A passkey prompt of exactly `length` tokens with the key sentence at `depth`.
+
+    The prompt holds one number, so the key's `candidates - 1` distractors are other random
+    5-digit numbers: a model that did not read the key ranks it first by chance only.
 
     The filler between the instruction and the question is the `filler` sentences repeated;
     the key sentence is inserted at the sentence boundary nearest `depth` of the filler
@@ -196,10 +215,18 @@ def make_passkey_example(tokenizer, length: int, depth: float, rng: np.random.Ge
     ids = list(prefix) + tokens[:cut] + list(needle) + tokens[cut:] + list(question)
     start = len(prefix) + cut
     assert len(ids) == length
+    # Drawn after everything above, so adding candidates changed no prompt.
+    others = []
+    while len(others) < candidates - 1:
+        other = str(int(rng.integers(10000, 100000)))
+        if other != key and other not in others:
+            others.append(other)
+    options = (key, *others)
     return TaskExample(task="passkey", length=length, depth=float(depth), index=index,
                        prompt_ids=np.asarray(ids, np.int32), answer=key,
                        answer_ids=encode(" " + key), needle_span=(start, start + len(needle)),
-                       actual_depth=cut / budget if budget else float(depth))
+                       actual_depth=cut / budget if budget else float(depth),
+                       candidates=options, candidate_ids=tuple(encode(" " + o) for o in options))
 
 
 def mdqa_document_count(length: int, doc_tokens: int) -> int:
@@ -214,13 +241,15 @@ def answer_document(depth: float, num_docs: int) -> int:
 
 def make_mdqa_example(tokenizer, length: int, depth: float, rng: np.random.Generator, *,
                       filler: Sequence[str], index: int = 0, doc_tokens: int = 200,
-                      facts_per_doc: int = 2, num_docs: int | None = None) -> TaskExample:
+                      facts_per_doc: int = 2, num_docs: int | None = None,
+                      candidates: int = DEFAULT_CANDIDATES) -> TaskExample:
     """A multi-document QA prompt of exactly `length` tokens.
 
     `num_docs` documents (default `mdqa_document_count(length, doc_tokens)`) share the context
     evenly; each holds `facts_per_doc` facts "The code of NAME is NUMBER." at random places
     among consecutive `filler` sentences (which must contain no digits). The question asks
-    for one fact of document `answer_document(depth, num_docs)`.
+    for one fact of document `answer_document(depth, num_docs)`. Its distractors are the
+    values of up to `candidates - 1` other facts of the same prompt.
     """
     _check_length_depth(length, depth)
     if doc_tokens < 1 or facts_per_doc < 1:
@@ -291,11 +320,16 @@ def make_mdqa_example(tokenizer, length: int, depth: float, rng: np.random.Gener
         ids.extend(doc)
     ids.extend(question)
     assert len(ids) == length, (len(ids), length)
+    # Distractors: values of other facts of this prompt (drawn last: no prompt changed).
+    others = [values[i] for i in range(n_facts) if i != answer_fact]
+    picked = rng.choice(len(others), size=min(candidates - 1, len(others)), replace=False)
+    options = (answer, *(others[int(i)] for i in picked))
     return TaskExample(task="mdqa", length=length, depth=float(depth), index=index,
                        prompt_ids=np.asarray(ids, np.int32), answer=answer,
                        answer_ids=encode(" " + answer), needle_span=spans[answer_doc],
                        actual_depth=answer_doc / (k - 1) if k > 1 else 0.0,
-                       doc_spans=tuple(spans), answer_doc=answer_doc)
+                       doc_spans=tuple(spans), answer_doc=answer_doc, candidates=options,
+                       candidate_ids=tuple(encode(" " + o) for o in options))
 
 
 def example_rng(seed: int, task: str, length: int, depth: float, index: int
@@ -310,12 +344,15 @@ def make_examples(task: str, tokenizer, lengths: Iterable[int], depths: Iterable
     """`count` examples for every (length, depth), ordered by length, then depth, then index.
 
     options: `filler`, `doc_tokens`, `facts_per_doc`, `num_docs` for mdqa; `filler` for
-    passkey.
+    passkey; `candidates` (the answer and its distractors) for both.
     """
     if task not in ANSWER_TASKS:
         raise ValueError(f"task must be one of {', '.join(ANSWER_TASKS)}, got {task!r}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    if options.get("candidates", DEFAULT_CANDIDATES) < 2:
+        raise ValueError(f"candidates must be >= 2 (the answer and a distractor), got "
+                         f"{options['candidates']}")
     make = make_passkey_example if task == "passkey" else make_mdqa_example
     return [make(tokenizer, int(length), float(depth),
                  example_rng(seed, task, length, depth, i), index=i, **options)
@@ -339,59 +376,101 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer) != ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What a model says about one example: its greedy answer (text) and the log-likelihood
+    of each candidate (in `TaskExample.candidates` order, the true answer first)."""
+
+    prediction: str
+    candidate_scores: tuple[float, ...]
+
+
+AnswerFn = Callable[[Sequence[TaskExample]], Sequence[Answer]]
+
+
+def rank_of_answer(scores: Sequence[float]) -> int:
+    """1 + the number of distractors scored at least as high as the answer (scores[0]): a
+    tie counts against the answer, so rank 1 means strictly first."""
+    return 1 + sum(1 for s in scores[1:] if s >= scores[0])
+
+
 def score_examples(examples: Sequence[TaskExample], answer_fn: AnswerFn, *,
                    batch_size: int = 1, progress: Callable[[int], None] | None = None
                    ) -> list[dict]:
-    """Ask `answer_fn` about the examples in batches of equal length; one record per example.
+    """Ask `answer_fn` about the examples in batches; one record per example.
 
-    `answer_fn(batch)` gets up to `batch_size` examples of one task and one length and returns
-    one prediction string each. `progress(n)` is called after every batch of n examples.
+    `answer_fn(batch)` gets up to `batch_size` examples of one task and returns one `Answer`
+    each. `progress(n)` is called after every batch of n examples. A record holds the greedy
+    prediction and whether it matches (`correct`), and the ranking: `rank` of the true
+    answer among the candidates and `ranked_first` (rank 1, the primary accuracy).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    groups: dict[tuple, list[TaskExample]] = {}
+    groups: dict[str, list[TaskExample]] = {}
     for example in examples:
-        groups.setdefault((example.task, example.length), []).append(example)
+        groups.setdefault(example.task, []).append(example)
     records = []
     for group in groups.values():
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
-            predictions = list(answer_fn(batch))
-            if len(predictions) != len(batch):
-                raise ValueError(f"the answer function returned {len(predictions)} "
-                                 f"predictions for {len(batch)} examples")
-            for example, prediction in zip(batch, predictions):
+            answers = list(answer_fn(batch))
+            if len(answers) != len(batch):
+                raise ValueError(f"the answer function returned {len(answers)} answers for "
+                                 f"{len(batch)} examples")
+            for example, answer in zip(batch, answers):
+                scores = [float(x) for x in answer.candidate_scores]
+                if len(scores) != len(example.candidates):
+                    raise ValueError(f"{len(scores)} candidate scores for "
+                                     f"{len(example.candidates)} candidates")
+                rank = rank_of_answer(scores)
                 records.append(dict(task=example.task, length=example.length,
                                     depth=example.depth, index=example.index,
                                     actual_depth=round(example.actual_depth, 4),
-                                    answer=example.answer, prediction=str(prediction),
-                                    correct=exact_match(prediction, example.answer)))
+                                    answer=example.answer, prediction=answer.prediction,
+                                    correct=exact_match(answer.prediction, example.answer),
+                                    rank=rank, ranked_first=rank == 1,
+                                    candidates=len(scores), answer_score=scores[0],
+                                    best_distractor_score=max(scores[1:])))
             if progress is not None:
                 progress(len(batch))
     return records
 
 
-def _percent(records: Sequence[dict]) -> float:
-    return 100.0 * sum(r["correct"] for r in records) / len(records)
+def _percent(records: Sequence[dict], key: str) -> float:
+    return 100.0 * sum(bool(r[key]) for r in records) / len(records)
 
 
-def summarize(records: Sequence[dict]) -> dict:
-    """Accuracy in percent: overall, per length, and per (length, depth) (string keys)."""
-    if not records:
-        return {"overall": None, "by_length": {}, "by_length_depth": {}, "count": 0}
+def _accuracy(records: Sequence[dict], key: str) -> dict:
     by_length: dict[int, list] = {}
     by_cell: dict[tuple, list] = {}
     for r in records:
         by_length.setdefault(r["length"], []).append(r)
         by_cell.setdefault((r["length"], r["depth"]), []).append(r)
     return {
-        "overall": _percent(records),
-        "count": len(records),
-        "by_length": {str(L): _percent(rs) for L, rs in sorted(by_length.items())},
-        "by_length_depth": {str(L): {depth_key(d): _percent(by_cell[(L, d)])
+        "overall": _percent(records, key),
+        "by_length": {str(L): _percent(rs, key) for L, rs in sorted(by_length.items())},
+        "interval_by_length": {str(L): list(wilson_interval(sum(bool(r[key]) for r in rs),
+                                                            len(rs)))
+                               for L, rs in sorted(by_length.items())},
+        "count_by_length": {str(L): len(rs) for L, rs in sorted(by_length.items())},
+        "by_length_depth": {str(L): {depth_key(d): _percent(by_cell[(L, d)], key)
                                      for (L2, d) in sorted(by_cell) if L2 == L}
                             for L in sorted(by_length)},
     }
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Accuracy in percent with 95% Wilson intervals: overall, per length, per (length,
+    depth) (string keys). The top level is the ranking accuracy (the true answer ranked
+    first among the candidates); `exact_match` holds the same for greedy exact match."""
+    if not records:
+        return {"overall": None, "by_length": {}, "by_length_depth": {}, "count": 0,
+                "exact_match": {"overall": None, "by_length": {}, "by_length_depth": {}}}
+    summary = _accuracy(records, "ranked_first")
+    summary["count"] = len(records)
+    summary["candidates"] = sorted({r["candidates"] for r in records})
+    summary["exact_match"] = _accuracy(records, "correct")
+    return summary
 
 
 def depth_key(depth: float) -> str:
@@ -480,3 +559,134 @@ def heldout_documents(sources: Sequence[str] = PPL_SOURCES,
             raise FileNotFoundError(f"--ppl-files: {str(path)!r} does not exist")
         docs.append(HeldOutDocument(path.stem, "file", path.read_text(encoding="utf-8")))
     return docs
+
+
+# ---------------------------------------------------------------------------------------
+# Copying renamed code.
+
+_KEEP_NAMES = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(
+    dir(builtins)) | {"self", "cls"}
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyDocument:
+    """A renamed held-out file, tokenised.
+
+    ids: int32 [n] tokens. copy_distance: int32 [n]; for a token inside a renamed identifier
+    other than the identifier's first token, and whose identifier occurred before in the
+    file, the distance in tokens back to the start of that identifier's previous occurrence;
+    0 for every other token (not a copying target).
+    """
+
+    name: str
+    ids: np.ndarray
+    copy_distance: np.ndarray
+    identifiers: int
+
+
+def _made_up_name(rng: np.random.Generator, taken: set) -> str:
+    while True:
+        syllables = int(rng.integers(3, 6))
+        name = "".join(_CONSONANTS[int(rng.integers(len(_CONSONANTS)))]
+                       + _VOWELS[int(rng.integers(len(_VOWELS)))] for _ in range(syllables))
+        if name not in taken and not keyword.iskeyword(name):
+            taken.add(name)
+            return name
+
+
+def rename_identifiers(source: str, rng: np.random.Generator
+                       ) -> tuple[str, list[tuple[int, int, int]]]:
+    """The source with every identifier (not a keyword, builtin, self, cls or dunder name)
+    replaced, consistently, by a made-up name; and the (start, end, identifier number) char
+    spans of the new names in the new text, in order."""
+    import io
+    import tokenize
+
+    lines = source.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    mapping: dict[str, int] = {}
+    names: list[str] = []
+    taken: set[str] = set()
+    pieces, spans, cursor, shift = [], [], 0, 0
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type != tokenize.NAME or token.string in _KEEP_NAMES or (
+                token.string.startswith("__") and token.string.endswith("__")):
+            continue
+        start = offsets[token.start[0] - 1] + token.start[1]
+        end = start + len(token.string)
+        if token.string not in mapping:
+            mapping[token.string] = len(names)
+            names.append(_made_up_name(rng, taken))
+        number = mapping[token.string]
+        pieces.append(source[cursor:start])
+        pieces.append(names[number])
+        new_start = start + shift
+        spans.append((new_start, new_start + len(names[number]), number))
+        shift += len(names[number]) - (end - start)
+        cursor = end
+    pieces.append(source[cursor:])
+    return "".join(pieces), spans
+
+
+def copy_document(tokenizer, name: str, source: str, rng: np.random.Generator) -> CopyDocument:
+    """Rename the identifiers of `source`, tokenise it, and mark the copying targets."""
+    import bisect
+
+    text, spans = rename_identifiers(source, rng)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(encoded["input_ids"], np.int32)
+    starts = [s for s, _, _ in spans]
+    distance = np.zeros(len(ids), np.int32)
+    first_token: dict[int, int] = {}      # span index -> its first token
+    last_seen: dict[int, int] = {}        # identifier -> first token of its latest occurrence
+    previous_of_span: dict[int, int] = {}
+    for t, (begin, end) in enumerate(encoded["offset_mapping"]):
+        if end <= begin:
+            continue
+        k = bisect.bisect_right(starts, begin) - 1
+        # A token that starts inside span k (or covers its first character).
+        if k < 0 or begin >= spans[k][1]:
+            k = bisect.bisect_right(starts, end - 1) - 1
+            if k < 0 or spans[k][0] >= end or spans[k][0] < begin:
+                continue
+        span_start, span_end, number = spans[k]
+        if k not in first_token:
+            first_token[k] = t
+            if number in last_seen:
+                previous_of_span[k] = last_seen[number]
+            last_seen[number] = t
+        elif begin > span_start and begin < span_end and k in previous_of_span:
+            distance[t] = first_token[k] - previous_of_span[k]
+    return CopyDocument(name=name, ids=ids, copy_distance=distance,
+                        identifiers=len(set(n for _, _, n in spans)))
+
+
+def copy_documents(tokenizer, min_tokens: int, count: int, seed: int,
+                   files: Sequence[str | Path] | None = None) -> list[CopyDocument]:
+    """Up to `count` renamed held-out files of at least `min_tokens` tokens (default: the
+    largest files of the held-out standard-library packages, in path order)."""
+    if files is None:
+        from train.sources import code_files
+
+        files = [f.path for f in code_files() if f.split == "heldout"]
+    documents = []
+    # Largest first (most likely long enough); ties by path, so the choice is deterministic.
+    for path in sorted(files, key=lambda p: (-Path(p).stat().st_size, str(p))):
+        if len(documents) == count:
+            break
+        try:
+            source = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        rng = np.random.default_rng([int(seed), TASKS.index("copy"),
+                                     int.from_bytes(Path(path).name.encode()[:8], "little")])
+        try:
+            doc = copy_document(tokenizer, Path(path).name, source, rng)
+        except (SyntaxError, ValueError):   # tokenize fails on a file Python would reject
+            continue
+        if len(doc.ids) >= min_tokens:
+            documents.append(doc)
+    return documents

@@ -1,6 +1,6 @@
 """`python -m train.evaluate`: long-context quality of a model with CCA or full attention.
 
-Three measurements, each at every `--lengths` context length:
+Four measurements, each at every `--lengths` context length:
 
 - ppl: perplexity on held-out documents (the plays `train.finetune` holds out, and KJV books;
   see `train.eval_tasks`). Each document contributes `--ppl-windows` windows that END at the
@@ -10,27 +10,33 @@ Three measurements, each at every `--lengths` context length:
 - passkey: a random 5-digit key hidden at `--depths` (percent) of repetitive filler text.
 - mdqa: synthetic multi-document QA, k documents of held-out prose each holding
   "The code of NAME is NUMBER." facts; the question asks for one fact of the document at
-  the given depth; exact match.
+  the given depth.
+- copy: held-out standard-library code with every identifier renamed to a made-up word;
+  top-1 accuracy on the later tokens of renamed identifiers (copyable only from an earlier
+  occurrence in the context), overall and for copies from more than `--copy-far` tokens back.
 
-Answers are scored by exact match of greedy decoding. `--answer-mode forced` (default) gets
-it from one forward pass over prompt + expected answer: greedy decoding produces the answer
-exactly when the argmax at every answer position is the answer's next token (teacher
-forcing), and up to the first wrong token the argmaxes ARE the greedy tokens, so the
-prediction recorded is the greedy output up to and including its first wrong token.
-`--answer-mode generate` decodes with the cached `cca_jax.generate.generate` instead.
+passkey and mdqa are scored by ranking: the log-likelihood of the true value and of
+`--candidates - 1` distractors (passkey: other random keys; mdqa: the values of the prompt's
+other facts), teacher-forced after one pass over the prompt (`model_candidate_fn`); the
+accuracy is the true value ranked strictly first, with a 95% Wilson interval. The greedy
+answer's exact match is kept as a second column (up to its first wrong token the teacher-
+forced argmaxes are the greedy tokens; `--answer-mode generate` decodes with the cache
+instead). g and w come from the model directory (a train.finetune export records them)
+unless given.
 
-Prints a table; writes `results.json` and PNG plots (accuracy vs length, accuracy by depth
-and length, perplexity vs length) into `--out`.
+Every example's record, and every perplexity and copy window's sums, are written to
+`results.json`, so two models evaluated alike can be compared pairwise
+(`train.experiments`). Prints a table; writes `results.json` and PNG plots into `--out`.
 
     python -m train.evaluate --model PATH --lengths 1024 2048 4096 8192
-        [--attention cca|full] [--group-size G --window-size W] [--tasks ppl passkey mdqa]
+        [--attention cca|full] [--group-size G --window-size W] [--tasks ppl passkey mdqa copy]
         [--rope-theta T | --rope-scaling linear:2] [--examples N] [--out DIR] [--seed S]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -46,6 +52,7 @@ from train import eval_tasks as tasks_lib
 from train.eval_tasks import TASKS, TaskExample
 
 NllFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+TokenFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 DEFAULT_TAIL = 256
 RESULTS_FILE = "results.json"
 PLOT_FILES = ("accuracy_vs_length.png", "accuracy_by_depth.png", "perplexity_vs_length.png")
@@ -66,12 +73,22 @@ def _pad_rows(ids: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([ids, np.repeat(ids[:1], rows - ids.shape[0], axis=0)])
 
 
-def model_nll_fn(model, *, chunk_size: int = 1024, batch_size: int = 1) -> NllFn:
-    """`nll(ids [B, L], targets [B, L]) -> float64 [B, L]`: -log p(targets[b, i] | ids[b, :i+1]).
+def _pad_columns(ids: np.ndarray, width: int) -> np.ndarray:
+    """`ids` right-padded with zeros to `width` columns. Attention is causal, so the padding
+    never changes a real position's output: every length shares one compiled program."""
+    if ids.shape[1] > width:
+        raise ValueError(f"a sequence of {ids.shape[1]} tokens exceeds the compiled width {width}")
+    return np.pad(ids, ((0, 0), (0, width - ids.shape[1])))
+
+
+def model_token_fn(model, *, chunk_size: int = 1024, batch_size: int = 1,
+                   width: int | None = None) -> TokenFn:
+    """`fn(ids [B, L], targets [B, L]) -> (nll float64 [B, L], correct bool [B, L])`:
+    -log p(targets[b, i] | ids[b, :i+1]) and whether it is the argmax (top-1).
 
     The vocabulary projection runs over `chunk_size` positions at a time, so no
-    [B, L, vocab] array is ever materialised. Batches smaller than `batch_size` are padded
-    to it (one compilation per length).
+    [B, L, vocab] array is ever materialised. Batches are padded to `batch_size` rows and,
+    when `width` is given, to `width` columns (one compilation for every length).
     """
     import jax
     import jax.numpy as jnp
@@ -80,7 +97,7 @@ def model_nll_fn(model, *, chunk_size: int = 1024, batch_size: int = 1) -> NllFn
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def nll(state, ids, targets):
+    def scores(state, ids, targets):
         m = nnx.merge(graphdef, state)
         hidden = m.hidden_states(ids)
         B, L, D = hidden.shape
@@ -92,24 +109,34 @@ def model_nll_fn(model, *, chunk_size: int = 1024, batch_size: int = 1) -> NllFn
 
         def one(args):
             h, t = args
-            logits = m.logits(h)
+            logits = m.logits(h).astype(jnp.float32)
             picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-            return jax.nn.logsumexp(logits, axis=-1) - picked
+            return (jax.nn.logsumexp(logits, axis=-1) - picked,
+                    jnp.argmax(logits, axis=-1) == t)
 
-        out = jax.lax.map(one, (hidden.swapaxes(0, 1), targets.swapaxes(0, 1)))
-        return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :L]
+        nll, top1 = jax.lax.map(one, (hidden.swapaxes(0, 1), targets.swapaxes(0, 1)))
+        unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :L]  # noqa: E731
+        return unchunk(nll), unchunk(top1)
 
     def call(ids, targets):
         ids, targets = np.asarray(ids, np.int32), np.asarray(targets, np.int32)
         if ids.shape != targets.shape or ids.ndim != 2:
             raise ValueError(f"ids and targets must both be [batch, length], got {ids.shape} "
                              f"and {targets.shape}")
-        B = ids.shape[0]
-        out = nll(state, jnp.asarray(_pad_rows(ids, batch_size)),
-                  jnp.asarray(_pad_rows(targets, batch_size)))
-        return np.asarray(out, np.float64)[:B]
+        B, L = ids.shape
+        if width is not None:
+            ids, targets = _pad_columns(ids, width), _pad_columns(targets, width)
+        nll, top1 = scores(state, jnp.asarray(_pad_rows(ids, batch_size)),
+                           jnp.asarray(_pad_rows(targets, batch_size)))
+        return np.asarray(nll, np.float64)[:B, :L], np.asarray(top1)[:B, :L]
 
     return call
+
+
+def model_nll_fn(model, **options) -> NllFn:
+    """`nll(ids [B, L], targets [B, L]) -> float64 [B, L]` (see `model_token_fn`)."""
+    token_fn = model_token_fn(model, **options)
+    return lambda ids, targets: token_fn(ids, targets)[0]
 
 
 def greedy_prefix(argmax_tokens: Sequence[int], answer_ids: Sequence[int]) -> list[int]:
@@ -122,52 +149,106 @@ def greedy_prefix(argmax_tokens: Sequence[int], answer_ids: Sequence[int]) -> li
     return out
 
 
-def model_answer_fn(model, tokenizer, *, mode: str = "forced", batch_size: int = 1,
-                    extra_new_tokens: int = 2) -> tasks_lib.AnswerFn:
-    """An answer function backed by the model (greedy decoding; see the module docstring).
+def model_candidate_fn(model, tokenizer, *, prompt_width: int, answer_width: int,
+                       candidates: int, batch_size: int = 1,
+                       decode_implementation: str = "auto") -> tasks_lib.AnswerFn:
+    """An answer function backed by the model: for each example, the log-likelihood of each
+    candidate (teacher forcing) and the greedy answer.
 
-    mode "forced": one forward pass over prompt + answer[:-1]; "generate": cached greedy
-    decoding of len(answer) + extra_new_tokens tokens with `cca_jax.generate.generate`.
+    The prompt runs through the model once (`cca_jax.cache.prefill`, CCA's compressed cache
+    or a full one); the cache is copied once per candidate and each candidate's tokens are
+    fed through `decode_step`, so K candidates cost one prompt and K short continuations.
+    The greedy prediction is read off the true answer's row: up to its first wrong token the
+    argmaxes are exactly greedy decoding's tokens (`greedy_prefix`). Prompts are padded to
+    `prompt_width` columns and batches to `batch_size` rows: one compilation in all.
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    if mode not in ("forced", "generate"):
-        raise ValueError(f"mode must be 'forced' or 'generate', got {mode!r}")
+    from cca_jax import cache as cache_lib
+
+    config = model.config
+    K, A = int(candidates), int(answer_width)
+    spec = cache_lib.CacheSpec.for_model(config, batch_size, prompt_width + A)
+    tiled = dataclasses.replace(spec, batch_size=batch_size * K)
+    implementation = cache_lib.resolve_decode_implementation(decode_implementation,
+                                                             config.head_size)
     graphdef, state = nnx.split(model)
 
-    @functools.partial(jax.jit, static_argnames="count")
-    def last_argmax(state, ids, count):
-        """Argmax tokens [B, count] of the last `count` positions."""
+    @jax.jit
+    def score(state, ids, lengths, answers, mask):
+        """ids [B, P], lengths [B]; answers, mask [B, K, A] -> (log-likelihoods [B, K],
+        argmax tokens along the first candidate [B, A])."""
         m = nnx.merge(graphdef, state)
-        hidden = m.hidden_states(ids)[:, -count:]
-        return jnp.argmax(m.logits(hidden), axis=-1).astype(jnp.int32)
+        last_logits, cache = cache_lib.prefill(m, spec, ids, lengths)
+        first = jax.nn.log_softmax(last_logits.astype(jnp.float32), axis=-1)
+        total = jnp.take_along_axis(first, answers[:, :, 0], axis=1) * mask[:, :, 0]
+        cache = jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), cache).replace(spec=tiled)
+        flat = answers.reshape(batch_size * K, A)
+
+        def step(cache, t):
+            logits, cache = cache_lib.decode_step(m, cache, flat[:, t],
+                                                  implementation=implementation)
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            picked = jnp.take_along_axis(logp, flat[:, t + 1][:, None], axis=1)[:, 0]
+            return cache, (picked, jnp.argmax(logits, axis=-1))
+
+        _, (picked, argmax) = jax.lax.scan(step, cache, jnp.arange(A - 1))
+        picked = picked.T.reshape(batch_size, K, A - 1)
+        total = total + (picked * mask[:, :, 1:]).sum(-1)
+        along_first = argmax.T.reshape(batch_size, K, A - 1)[:, 0]
+        greedy = jnp.concatenate([jnp.argmax(last_logits, axis=-1)[:, None], along_first],
+                                 axis=1)
+        return total, greedy
 
     def decode(tokens) -> str:
         return tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True)
 
-    def answer(batch: Sequence[TaskExample]) -> list[str]:
-        widths = {len(e.prompt_ids) for e in batch}
-        if len(widths) != 1:
-            raise ValueError(f"a batch must hold prompts of one length, got {sorted(widths)}")
-        L = widths.pop()
-        A = max(len(e.answer_ids) for e in batch)
-        if mode == "generate":
-            from cca_jax.generate import generate
-
-            ids = np.stack([e.prompt_ids for e in batch]).astype(np.int32)
-            out = generate(model, ids, A + extra_new_tokens)
-            return [decode(row[L:]) for row in out]
-        ids = np.zeros((len(batch), L + A - 1), np.int32)
+    def answer(batch: Sequence[TaskExample]) -> list[tasks_lib.Answer]:
+        B = len(batch)
+        if B > batch_size:
+            raise ValueError(f"a batch of {B} examples exceeds batch_size {batch_size}")
+        ids = np.zeros((batch_size, prompt_width), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        answers = np.zeros((batch_size, K, A), np.int32)
+        mask = np.zeros((batch_size, K, A), np.float32)
         for b, e in enumerate(batch):
-            continuation = list(e.answer_ids[:-1])
-            ids[b, :L + len(continuation)] = np.concatenate([e.prompt_ids, continuation])
-        argmax = np.asarray(last_argmax(state, jnp.asarray(_pad_rows(ids, batch_size)),
-                                        count=A))
-        return [decode(greedy_prefix(argmax[b], e.answer_ids)) for b, e in enumerate(batch)]
+            if len(e.prompt_ids) > prompt_width:
+                raise ValueError(f"a prompt of {len(e.prompt_ids)} tokens exceeds the compiled "
+                                 f"width {prompt_width}")
+            if len(e.candidate_ids) > K or max(map(len, e.candidate_ids)) > A:
+                raise ValueError(f"{len(e.candidate_ids)} candidates of up to "
+                                 f"{max(map(len, e.candidate_ids))} tokens exceed the compiled "
+                                 f"{K} x {A}")
+            ids[b, :len(e.prompt_ids)] = e.prompt_ids
+            lengths[b] = len(e.prompt_ids)
+            for k, tokens in enumerate(e.candidate_ids):
+                answers[b, k, :len(tokens)] = tokens
+                mask[b, k, :len(tokens)] = 1
+        totals, greedy = score(state, jnp.asarray(ids), jnp.asarray(lengths),
+                               jnp.asarray(answers), jnp.asarray(mask))
+        totals, greedy = np.asarray(totals, np.float64), np.asarray(greedy)
+        return [tasks_lib.Answer(
+            prediction=decode(greedy_prefix(greedy[b], e.answer_ids)),
+            candidate_scores=tuple(float(x) for x in totals[b, :len(e.candidate_ids)]))
+            for b, e in enumerate(batch)]
 
     return answer
+
+
+def generated_predictions(model, tokenizer, examples: Sequence[TaskExample], *,
+                          extra_new_tokens: int = 2) -> list[str]:
+    """Greedy continuations by cached decoding (`cca_jax.generate.generate`), as text: what
+    `--answer-mode generate` records as the prediction."""
+    from cca_jax.generate import generate
+
+    out = []
+    for e in examples:
+        row = generate(model, e.prompt_ids[None], len(e.answer_ids) + extra_new_tokens)[0]
+        out.append(tokenizer.decode([int(t) for t in row[len(e.prompt_ids):]],
+                                    skip_special_tokens=True))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,6 +279,8 @@ def perplexity_by_length(nll_fn: NllFn, documents: Sequence[tuple[str, str, np.n
 
     documents: (name, source, int token array). Documents shorter than max(lengths) + 1
     tokens are skipped (listed under "skipped"), so every length scores the same tokens.
+    Each length also lists every window's summed tail NLL (`window_tail_nll`, in the order
+    of `documents[*].window_ends`): two models evaluated alike pair up window by window.
     """
     max_length = max(lengths)
     if not 1 <= tail <= min(lengths):
@@ -219,6 +302,7 @@ def perplexity_by_length(nll_fn: NllFn, documents: Sequence[tuple[str, str, np.n
               "documents": used, "skipped": skipped, "by_length": {}}
     for L in lengths:
         sums: dict[str, list[float]] = {}
+        per_window = []
         bar = _bar(len(windows), f"ppl L={L}", "win", progress)
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size]
@@ -226,6 +310,7 @@ def perplexity_by_length(nll_fn: NllFn, documents: Sequence[tuple[str, str, np.n
             targets = np.stack([t[e - L + 1:e + 1] for _, t, e in batch]).astype(np.int32)
             nll = nll_fn(ids, targets)
             for (source, _, _), row in zip(batch, nll):
+                per_window.append(float(row[-tail:].sum()))
                 for key in (source, "all"):
                     s = sums.setdefault(key, [0.0, 0, 0.0, 0, 0])
                     s[0] += float(row[-tail:].sum())
@@ -242,6 +327,71 @@ def perplexity_by_length(nll_fn: NllFn, documents: Sequence[tuple[str, str, np.n
 
         entry = summary(sums["all"])
         entry["by_source"] = {k: summary(v) for k, v in sums.items() if k != "all"}
+        entry["window_tail_nll"] = per_window
+        result["by_length"][str(L)] = entry
+    return result
+
+
+def copy_by_length(token_fn: TokenFn, documents: Sequence[tasks_lib.CopyDocument],
+                   lengths: Sequence[int], *, windows_per_doc: int, tail: int, far: int,
+                   batch_size: int = 1, progress: bool = False) -> dict:
+    """Copying renamed identifiers: top-1 accuracy and NLL on the copying targets (see
+    `train.eval_tasks.CopyDocument`) among the last `tail` tokens of each window, per length.
+
+    "far" targets are those whose previous occurrence lies more than `far` tokens back and
+    still inside the window: the copies that need more than a raw window of `far` tokens.
+    Per window (same order at every length and for every model): targets and hits, all and
+    far, for paired comparisons.
+    """
+    max_length = max(lengths)
+    if not 1 <= tail <= min(lengths):
+        raise ValueError(f"copy tail must be in [1, {min(lengths)}], got {tail}")
+    windows, used = [], []
+    for doc in documents:
+        ends = window_ends(len(doc.ids), max_length, windows_per_doc)
+        if ends:
+            used.append({"name": doc.name, "tokens": int(len(doc.ids)), "window_ends": ends,
+                         "identifiers": doc.identifiers})
+            windows.extend((doc, end) for end in ends)
+    if not windows:
+        raise ValueError(f"copy: no renamed document has the {max_length + 1} tokens the "
+                         "longest length needs")
+    result = {"tail_tokens": int(tail), "far_tokens": int(far), "documents": used,
+              "by_length": {}}
+    for L in lengths:
+        rows = []
+        bar = _bar(len(windows), f"copy L={L}", "win", progress)
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size]
+            ids = np.stack([d.ids[e - L:e] for d, e in batch])
+            targets = np.stack([d.ids[e - L + 1:e + 1] for d, e in batch])
+            nll, top1 = token_fn(ids, targets)
+            for (doc, end), row_nll, row_top1 in zip(batch, nll, top1):
+                # Target i of the window is token end - L + 1 + i; its context holds the
+                # window's first i + 1 tokens, so a previous occurrence `distance` back is
+                # inside the window when distance <= i.
+                distance = doc.copy_distance[end - L + 1:end + 1]
+                position = np.arange(L)
+                in_tail = position >= L - tail
+                target = in_tail & (distance > 0)
+                far_target = target & (distance > far) & (distance <= position)
+                rows.append({"targets": int(target.sum()), "hits": int(row_top1[target].sum()),
+                             "nll": float(row_nll[target].sum()),
+                             "far_targets": int(far_target.sum()),
+                             "far_hits": int(row_top1[far_target].sum()),
+                             "far_nll": float(row_nll[far_target].sum())})
+            bar.update(len(batch))
+        bar.close()
+        total = {key: sum(r[key] for r in rows) for key in rows[0]}
+        entry = {"targets": total["targets"], "far_targets": total["far_targets"],
+                 "accuracy": 100 * total["hits"] / total["targets"] if total["targets"]
+                 else None,
+                 "nll": total["nll"] / total["targets"] if total["targets"] else None,
+                 "far_accuracy": 100 * total["far_hits"] / total["far_targets"]
+                 if total["far_targets"] else None,
+                 "far_nll": total["far_nll"] / total["far_targets"] if total["far_targets"]
+                 else None,
+                 "windows": rows}
         result["by_length"][str(L)] = entry
     return result
 
@@ -286,22 +436,40 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _with_interval(task: dict, length: int) -> str:
+    value = task["by_length"].get(str(length))
+    interval = task.get("interval_by_length", {}).get(str(length))
+    if value is None or not interval:
+        return _fmt(value, 1)
+    return f"{value:.1f} [{interval[0]:.0f}-{interval[1]:.0f}]"
+
+
 def format_table(results: dict) -> str:
     """The summary table (one row per length) and one depth x length table per task."""
     lengths = results["lengths"]
     ppl = results.get("perplexity")
+    copy = results.get("copy")
     header = ["length"]
     if ppl:
         header += [f"ppl last {ppl['tail_tokens']}", "ppl window"]
     answer_tasks = [t for t in ("passkey", "mdqa") if t in results]
-    header += [f"{t} %" for t in answer_tasks]
+    for t in answer_tasks:
+        header += [f"{t} ranked first % [95% CI]", f"{t} exact %"]
+    if copy:
+        header += ["copy top-1 %", f"copy >{copy['far_tokens']} back top-1 %"]
     rows = []
     for L in lengths:
         row = [str(L)]
         if ppl:
             entry = ppl["by_length"][str(L)]
             row += [_fmt(entry["ppl_tail"]), _fmt(entry["ppl_all"])]
-        row += [_fmt(results[t]["by_length"].get(str(L)), 1) for t in answer_tasks]
+        for t in answer_tasks:
+            row += [_with_interval(results[t], L),
+                    _fmt(results[t]["exact_match"]["by_length"].get(str(L)), 1)]
+        if copy:
+            entry = copy["by_length"][str(L)]
+            row += [_fmt(entry["accuracy"], 1),
+                    f"{_fmt(entry['far_accuracy'], 1)} (n={entry['far_targets']})"]
         rows.append(row)
     lines = [f"{results['label']}"]
     lines += _grid(header, rows)
@@ -314,7 +482,9 @@ def format_table(results: dict) -> str:
     for task in answer_tasks:
         cells = results[task]["by_length_depth"]
         depths = results["depths"]
-        lines += ["", f"{task} accuracy (%) by depth"]
+        lines += ["", f"{task}: true value ranked first among "
+                      f"{'/'.join(map(str, results[task].get('candidates', [])))} "
+                      "candidates (%), by depth"]
         lines += _grid(["depth"] + [str(L) for L in lengths],
                        [[f"{tasks_lib.depth_key(d)}%"] + [
                            _fmt(cells.get(str(L), {}).get(tasks_lib.depth_key(d)), 1)
@@ -343,7 +513,14 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for task in answer_tasks:
             ax.plot(lengths, [results[task]["by_length"][str(L)] for L in lengths], marker="o",
-                    label=task)
+                    label=f"{task} (ranked first)")
+        copy = results.get("copy")
+        if copy:
+            for key, name in (("accuracy", "copy top-1"),
+                              ("far_accuracy", f"copy >{copy['far_tokens']} back")):
+                ax.plot(lengths, [math.nan if copy["by_length"][str(L)][key] is None
+                                  else copy["by_length"][str(L)][key] for L in lengths],
+                        marker="s", linestyle=":", label=name)
         ax.set(xlabel="context length (tokens)", ylabel="accuracy (%)",
                ylim=(-3, 103), title=f"accuracy vs length\n{label}")
         length_axis(ax, lengths)
@@ -428,8 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train.evaluate",
         description="Measure long-context quality of a model with CCA or full attention: "
                     "held-out perplexity on the last tokens of windows of each length, "
-                    "passkey retrieval and synthetic multi-document QA (exact match of greedy "
-                    "decoding) at each length and depth. Prints a table and writes "
+                    "passkey retrieval and synthetic multi-document QA (the true value ranked "
+                    "first among candidates by the model's likelihood, with 95%% intervals; "
+                    "greedy exact match too), and copying renamed identifiers of held-out "
+                    "code, at each length (and depth). Prints a table and writes "
                     f"{RESULTS_FILE} and PNG plots into --out.",
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
@@ -438,11 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "train.finetune's export) or Hugging Face LLaMA/Qwen2 directory")
     g.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="tokenizer directory (default: the model directory)")
-    g.add_argument("--attention", choices=("cca", "full"), default="cca",
-                   help="attention to evaluate with")
-    g.add_argument("--group-size", type=int, default=16, metavar="G", help="CCA group size g")
-    g.add_argument("--window-size", type=int, default=1024, metavar="W",
-                   help="CCA local window w")
+    g.add_argument("--attention", choices=("cca", "full"), default=None,
+                   help="attention to evaluate with (default: what the model directory's "
+                        "cca_config.json says, e.g. a train.finetune export; full for a "
+                        "Hugging Face directory)")
+    g.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="CCA group size g (default: the model directory's, else 16)")
+    g.add_argument("--window-size", type=int, default=None, metavar="W",
+                   help="CCA local window w (default: the model directory's, else 1024)")
     g.add_argument("--attention-implementation", default="auto",
                    choices=("auto", "xla", "pallas", "reference"),
                    help="attention op implementation (auto: Pallas on a GPU, XLA elsewhere)")
@@ -461,13 +643,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depths", type=float, nargs="+", default=[0, 25, 50, 75, 100],
                    metavar="PCT", help="where the answer sits, in percent of the context "
                                        "(passkey, mdqa)")
-    g.add_argument("--examples", type=int, default=10, metavar="N",
-                   help="examples per (length, depth) cell (passkey, mdqa)")
+    g.add_argument("--examples", type=int, default=20, metavar="N",
+                   help="examples per (length, depth) cell (passkey, mdqa); with the 5 "
+                        "default depths, 100 per length")
+    g.add_argument("--candidates", type=int, default=tasks_lib.DEFAULT_CANDIDATES,
+                   metavar="K", help="the answer and K - 1 distractors ranked per example "
+                                     "(passkey: random keys; mdqa: other facts' values)")
     g.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the generated examples")
     g.add_argument("--answer-mode", choices=("forced", "generate"), default="forced",
-                   help="forced: greedy exact match from one teacher-forced pass; generate: "
-                        "cached greedy decoding (cca_jax.generate)")
+                   help="where the greedy prediction (exact-match column) comes from: forced, "
+                        "the argmaxes of the candidate-scoring pass; generate, cached greedy "
+                        "decoding (cca_jax.generate), one example at a time")
+    g.add_argument("--decode-implementation", choices=("auto", "jnp", "pallas"),
+                   default="auto", help="decode attention of the candidate scoring (auto: "
+                                        "the Pallas kernel on a GPU)")
     g.add_argument("--batch-size", type=int, default=4, metavar="B",
                    help="sequences per forward pass")
     g = p.add_argument_group("perplexity")
@@ -483,6 +673,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"perplexity is reported on the last N tokens of each window, at "
                         f"every length (default: {DEFAULT_TAIL}, or a quarter of the smallest "
                         "length if that is less)")
+    g = p.add_argument_group("copying renamed code")
+    g.add_argument("--copy-docs", type=int, default=8, metavar="N",
+                   help="renamed files of the held-out standard-library packages")
+    g.add_argument("--copy-windows", type=int, default=4, metavar="N",
+                   help="windows per file (the same ends at every length)")
+    g.add_argument("--copy-tail", type=int, default=None, metavar="N",
+                   help="score the copying targets among the last N tokens of each window "
+                        "(default: half the smallest length)")
+    g.add_argument("--copy-far", type=int, default=1024, metavar="N",
+                   help="'far' copies: previous occurrence more than N tokens back")
     g = p.add_argument_group("multi-document QA")
     g.add_argument("--mdqa-doc-tokens", type=int, default=200, metavar="N",
                    help="context tokens per document: k = max(2, round(length / N)) documents")
@@ -519,9 +719,20 @@ def check_args(args) -> None:
         raise UsageError(f"--depths are percentages in [0, 100], got {', '.join(map(str, bad))}")
     if args.ppl_tail is None:
         args.ppl_tail = max(1, min(DEFAULT_TAIL, min(args.lengths) // 4))
-    for name in ("examples", "batch_size", "ppl_windows", "ppl_tail", "group_size",
-                 "window_size", "mdqa_doc_tokens", "mdqa_facts"):
+    if args.copy_tail is None:
+        args.copy_tail = max(1, min(args.lengths) // 2)
+    for name in ("examples", "batch_size", "ppl_windows", "ppl_tail", "mdqa_doc_tokens",
+                 "mdqa_facts", "copy_docs", "copy_windows", "copy_tail", "copy_far"):
         _positive(args, name)
+    for name in ("group_size", "window_size"):
+        if getattr(args, name) is not None:
+            _positive(args, name)
+    if args.candidates < 2:
+        raise UsageError(f"--candidates must be >= 2 (the answer and a distractor), got "
+                         f"{args.candidates}")
+    if "copy" in args.tasks and args.copy_tail > min(args.lengths):
+        raise UsageError(f"--copy-tail {args.copy_tail} exceeds the smallest length "
+                         f"{min(args.lengths)}; lower --copy-tail")
     if "ppl" in args.tasks:
         if args.ppl_tail > min(args.lengths):
             raise UsageError(f"--ppl-tail {args.ppl_tail} exceeds the smallest length "
@@ -544,6 +755,32 @@ def _default_label(args) -> str:
     return label
 
 
+def stored_attention(model_dir: str | os.PathLike) -> tuple[str, int, int, str]:
+    """(attention, g, w, where from) that a model directory was saved with: a converted
+    directory's cca_config.json (e.g. a train.finetune export), else full attention with the
+    library's defaults (a Hugging Face directory knows nothing of CCA)."""
+    from cca_jax.llama import LlamaConfig
+    from convert.checkpoint import is_converted_dir, read_converted_config
+
+    if is_converted_dir(model_dir):
+        config = read_converted_config(model_dir)
+        return config.attention, config.group_size, config.window_size, "the model directory"
+    default = LlamaConfig()
+    return "full", default.group_size, default.window_size, "defaults (no cca_config.json)"
+
+
+def resolve_attention(args) -> str:
+    """Fill --attention, --group-size and --window-size left unset from the model directory;
+    returns a note saying where each came from."""
+    attention, g, w, origin = stored_attention(args.model)
+    taken = []
+    for name, value in (("attention", attention), ("group_size", g), ("window_size", w)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+            taken.append(name.replace("_", " "))
+    return f"{', '.join(taken)} from {origin}" if taken else "attention as given"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.tasks = list(dict.fromkeys(args.tasks))
@@ -554,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     try:
         check_args(args)
+        attention_note = resolve_attention(args)
         rope_scaling = None
         if args.rope_scaling is not None:
             from train.finetune import parse_rope_scaling
@@ -570,17 +808,18 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         # Everything generated (and checked) before the model is loaded.
         examples: dict[str, list[TaskExample]] = {}
-        notes = []
+        notes = [attention_note]
         if "passkey" in args.tasks:
             examples["passkey"] = tasks_lib.make_examples(
-                "passkey", tokenizer, args.lengths, depths, args.examples, args.seed)
+                "passkey", tokenizer, args.lengths, depths, args.examples, args.seed,
+                candidates=args.candidates)
         if "mdqa" in args.tasks:
             filler, filler_source = tasks_lib.mdqa_filler()
             notes.append(f"mdqa filler: {filler_source}")
             examples["mdqa"] = tasks_lib.make_examples(
                 "mdqa", tokenizer, args.lengths, depths, args.examples, args.seed,
                 filler=filler, doc_tokens=args.mdqa_doc_tokens,
-                facts_per_doc=args.mdqa_facts)
+                facts_per_doc=args.mdqa_facts, candidates=args.candidates)
         documents = []
         if "ppl" in args.tasks:
             for doc in tasks_lib.heldout_documents(args.ppl_sources, args.ppl_files):
@@ -592,6 +831,15 @@ def main(argv: list[str] | None = None) -> int:
                                  f"fewer than the {max(args.lengths) + 1} that --lengths "
                                  f"{max(args.lengths)} needs; lower --lengths or add "
                                  "--ppl-files")
+        copy_docs = []
+        if "copy" in args.tasks:
+            copy_docs = tasks_lib.copy_documents(tokenizer, max(args.lengths) + 1,
+                                                 args.copy_docs, args.seed)
+            if not copy_docs:
+                raise UsageError(f"copy: no held-out code file has the {max(args.lengths) + 1}"
+                                 " tokens the longest length needs; lower --lengths")
+            notes.append(f"copy: {len(copy_docs)} renamed held-out files ("
+                         f"{', '.join(d.name for d in copy_docs)})")
     except (ValueError, FileNotFoundError, NotADirectoryError, ModuleNotFoundError,
             OSError) as error:
         print(f"error: {error}", file=err)
@@ -632,36 +880,58 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model), "attention": args.attention,
         "group_size": args.group_size if args.attention == "cca" else None,
         "window_size": args.window_size if args.attention == "cca" else None,
+        "attention_from": attention_note,
         "rope_theta": config.rope_theta,
         "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
         "max_position_embeddings": config.max_position_embeddings,
         "dtype": dtype, "backend": jax.default_backend(), "seed": args.seed,
         "lengths": args.lengths, "depths": depths, "tasks": args.tasks,
         "answer_mode": args.answer_mode, "examples_per_cell": args.examples,
+        "candidates": args.candidates,
         "seconds": {},
     }
+    width = max(args.lengths)
+    token_fn = None
+    if "ppl" in args.tasks or "copy" in args.tasks:
+        token_fn = model_token_fn(model, batch_size=args.batch_size, width=width)
     if "ppl" in args.tasks:
         start = time.perf_counter()
-        nll_fn = model_nll_fn(model, batch_size=args.batch_size)
+        print("scoring held-out text (the first batch compiles) ...", file=err, flush=True)
         results["perplexity"] = perplexity_by_length(
-            nll_fn, documents, args.lengths, windows_per_doc=args.ppl_windows,
-            tail=args.ppl_tail, batch_size=args.batch_size, progress=progress)
+            lambda ids, targets: token_fn(ids, targets)[0], documents, args.lengths,
+            windows_per_doc=args.ppl_windows, tail=args.ppl_tail,
+            batch_size=args.batch_size, progress=progress)
         for doc in results["perplexity"]["skipped"]:
             print(f"note: ppl skips {doc['source']}/{doc['name']} ({doc['tokens']} tokens, "
                   f"shorter than {max(args.lengths) + 1})", file=err)
         results["seconds"]["ppl"] = round(time.perf_counter() - start, 1)
+    if "copy" in args.tasks:
+        start = time.perf_counter()
+        results["copy"] = copy_by_length(token_fn, copy_docs, args.lengths,
+                                         windows_per_doc=args.copy_windows,
+                                         tail=args.copy_tail, far=args.copy_far,
+                                         batch_size=args.batch_size, progress=progress)
+        results["seconds"]["copy"] = round(time.perf_counter() - start, 1)
     if examples:
-        answer_fn = model_answer_fn(model, tokenizer, mode=args.answer_mode,
-                                    batch_size=args.batch_size)
+        every = [e for task_examples in examples.values() for e in task_examples]
+        print("scoring candidates (the first batch compiles) ...", file=err, flush=True)
+        answer_fn = model_candidate_fn(
+            model, tokenizer, prompt_width=width, candidates=args.candidates,
+            answer_width=max(len(t) for e in every for t in e.candidate_ids),
+            batch_size=args.batch_size, decode_implementation=args.decode_implementation)
+        if args.answer_mode == "generate":
+            scored = answer_fn
+
+            def answer_fn(batch):
+                texts = generated_predictions(model, tokenizer, batch)
+                return [dataclasses.replace(a, prediction=t)
+                        for a, t in zip(scored(batch), texts)]
     for task, task_examples in examples.items():
         start = time.perf_counter()
-        records = []
-        for L in args.lengths:
-            cell = [e for e in task_examples if e.length == L]
-            bar = _bar(len(cell), f"{task} L={L}", "ex", progress)
-            records += tasks_lib.score_examples(cell, answer_fn, batch_size=args.batch_size,
-                                                progress=bar.update)
-            bar.close()
+        bar = _bar(len(task_examples), task, "ex", progress)
+        records = tasks_lib.score_examples(task_examples, answer_fn,
+                                           batch_size=args.batch_size, progress=bar.update)
+        bar.close()
         summary = tasks_lib.summarize(records)
         summary["examples"] = records
         if task == "mdqa":
