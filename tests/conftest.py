@@ -80,7 +80,15 @@ def smollm2_hf_dir(tmp_path_factory, worker_id):
     target = root / "smollm2-hf-bfloat16"
     with FileLock(str(root / "smollm2-hf-bfloat16.lock")):
         if not target.is_dir():
-            materialize_smollm2(target, dtype="bfloat16")
+            # As on the GPU machine: the GGUF split into checksummed parts, joined back, and
+            # read from that copy (--gguf) instead of from the installed package.
+            from convert import parts
+            from convert.smollm2 import gguf_location
+
+            folder, name = gguf_location()
+            parts.split(folder / name, root / "gguf-parts", part_size=40 << 20)
+            joined = parts.join(root / "gguf-parts", root / name)
+            materialize_smollm2(target, dtype="bfloat16", gguf_file=joined)
     return target
 
 

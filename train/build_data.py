@@ -101,20 +101,18 @@ def sequence_counts(total: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+TOKENIZER_PROBE = "def tokenize(text):\n    return [t for t in text.split()]  # The quick brown fox."
 
 
 def tokenizer_identity(tokenizer_dir: Path, tokenizer) -> dict:
-    """What a fine-tune checks before using the data: same vocabulary, same tokenizer file."""
-    files = {name: _sha256_file(tokenizer_dir / name) for name in ("tokenizer.json",)
-             if (tokenizer_dir / name).is_file()}
+    """What a fine-tune checks before using the data: the same vocabulary (every token and
+    id, hashed), the same EOS, and the same ids for a probe text. File bytes are not compared:
+    two transformers versions serialise one tokenizer differently."""
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     return {"path": str(tokenizer_dir), "vocab_size": len(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id, "sha256": files}
+            "eos_token_id": tokenizer.eos_token_id,
+            "vocabulary_sha256": hashlib.sha256(vocabulary.encode("utf-8")).hexdigest(),
+            "probe_ids": list(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])}
 
 
 class _Stream:
@@ -355,9 +353,11 @@ _WORKER: dict = {}
 
 
 def _worker_init(tokenizer_dir: str, splits) -> None:
-    from cca_jax.loading import load_tokenizer
+    # transformers directly: cca_jax.loading would import jax into every worker.
+    from transformers import AutoTokenizer
 
-    _WORKER["source"] = _RetrievalSource(load_tokenizer(tokenizer_dir), splits)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    _WORKER["source"] = _RetrievalSource(tokenizer, splits)
 
 
 def _worker_rows(rows: list[int], seed: int, size: int):

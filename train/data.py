@@ -262,19 +262,17 @@ def load_built_data(path: Path, tokenizer, seq_len: int, vocab_size: int
     if manifest["seq_len"] != seq_len:
         raise ValueError(f"--data {str(path)!r} was built for --seq-len {manifest['seq_len']}, "
                          f"not {seq_len}; rebuild it or pass --seq-len {manifest['seq_len']}")
+    from train.build_data import tokenizer_identity
+
     built = manifest["tokenizer"]
-    if built["vocab_size"] != len(tokenizer) or built["eos_token_id"] != tokenizer.eos_token_id:
+    mine = tokenizer_identity(Path(tokenizer.name_or_path), tokenizer)
+    different = [key for key in ("vocab_size", "eos_token_id", "vocabulary_sha256", "probe_ids")
+                 if built.get(key) != mine[key]]
+    if different:
         raise ValueError(f"--data {str(path)!r} was built with another tokenizer (vocabulary "
                          f"{built['vocab_size']}, EOS {built['eos_token_id']}; this model's: "
-                         f"{len(tokenizer)}, EOS {tokenizer.eos_token_id})")
-    for name, digest in built.get("sha256", {}).items():
-        mine = Path(tokenizer.name_or_path) / name
-        if mine.is_file():
-            import hashlib
-
-            if hashlib.sha256(mine.read_bytes()).hexdigest() != digest:
-                raise ValueError(f"--data {str(path)!r} was built with another {name} than "
-                                 f"the model's ({str(mine)!r})")
+                         f"{len(tokenizer)}, EOS {tokenizer.eos_token_id}; differing: "
+                         f"{', '.join(different)})")
     largest = int(np.max(train)) if train.size else -1
     if largest >= vocab_size:
         raise ValueError(f"--data {str(path)!r} holds token id {largest}, outside the model's "

@@ -59,3 +59,14 @@ def test_cca_with_prompt_inside_window_is_exactly_full_attention(smollm2_dirs,
                             dtype="float32")
     np.testing.assert_array_equal(greedy_generate_uncached(model, prompt_ids, NEW_TOKENS),
                                   expected)
+
+
+def test_the_package_gguf_is_found_and_a_missing_gguf_is_a_clear_error(tmp_path, capsys):
+    from convert.smollm2 import GGUF_NAME, gguf_location, main
+
+    folder, name = gguf_location()
+    assert name == GGUF_NAME and (folder / name).stat().st_size > 90_000_000
+    assert main([str(tmp_path / "out"), "--gguf", str(tmp_path / "none.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gguf: ") and "none.gguf' is not a file" in err
+    assert not (tmp_path / "out").exists()

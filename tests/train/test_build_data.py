@@ -154,12 +154,16 @@ def test_finetune_refuses_data_built_for_another_length_or_tokenizer(built, toke
         load_built_data(out, tokenizer, 256, 49152)
     with pytest.raises(ValueError, match="outside the model's vocabulary of 1000"):
         load_built_data(out, tokenizer, 512, 1000)
-    manifest = json.loads((out / build_data.MANIFEST).read_text())
-    manifest["tokenizer"]["vocab_size"] += 1
-    (out / build_data.MANIFEST).write_text(json.dumps(manifest))
+    original = (out / build_data.MANIFEST).read_text()
     try:
-        with pytest.raises(ValueError, match="was built with another tokenizer"):
-            load_built_data(out, tokenizer, 512, 49152)
+        for key, change in (("vocab_size", lambda v: v + 1),
+                            ("probe_ids", lambda v: v[:-1] + [v[-1] + 1]),
+                            ("vocabulary_sha256", lambda v: "0" * 64)):
+            manifest = json.loads(original)
+            manifest["tokenizer"][key] = change(manifest["tokenizer"][key])
+            (out / build_data.MANIFEST).write_text(json.dumps(manifest))
+            with pytest.raises(ValueError, match=f"another tokenizer .*differing: {key}"):
+                load_built_data(out, tokenizer, 512, 49152)
     finally:
-        manifest["tokenizer"]["vocab_size"] -= 1
-        (out / build_data.MANIFEST).write_text(json.dumps(manifest))
+        (out / build_data.MANIFEST).write_text(original)
+    load_built_data(out, tokenizer, 512, 49152)
