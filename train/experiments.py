@@ -439,6 +439,55 @@ def comparison_plot(runs: list[Run], results: dict[str, dict], path: Path) -> Pa
     return save_figure(fig, path)
 
 
+def depth_tables(runs: list[Run], results: dict[str, dict]) -> str:
+    """Ranking accuracy by depth: one table per task, a row per (run, length)."""
+    present = [r for r in runs if r.name in results]
+    lines = []
+    for task in TASKS:
+        rows, depths = [], None
+        for r in present:
+            cells = results[r.name].get(task, {}).get("by_length_depth", {})
+            for L, by_depth in cells.items():
+                depths = depths or list(by_depth)
+                rows.append([r.label, L] + [_cell(by_depth.get(d), 0) for d in depths])
+        if rows:
+            lines += [f"{task}: ranked first (%) by depth of the answer (0% = the start of the "
+                      "context)", ""]
+            lines += _md_table(["model", "length"] + [f"{d}%" for d in depths], rows)
+            lines.append("")
+    return "\n".join(lines)
+
+
+def finetune_summary(out: Path, runs: list[Run]) -> str:
+    """Per fine-tune: updates, tokens, median tokens/s, loss and held-out perplexity."""
+    rows = []
+    for r in runs:
+        if not r.finetuned:
+            continue
+        folder = finetune_dir(out, r.attention, r.window)
+        metrics_file, eval_file = folder / "metrics.jsonl", folder / "eval.jsonl"
+        if not metrics_file.is_file():
+            continue
+        metrics = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
+        evals = ([json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
+                 if eval_file.is_file() else [])
+        if not metrics:
+            continue
+        speeds = sorted(m["tokens_per_s"] for m in metrics[10:] or metrics)
+        tail = metrics[-50:]
+        rows.append([r.label, str(len(metrics)),
+                     f"{speeds[len(speeds) // 2]:,.0f}",
+                     f"{sum(m['loss'] for m in metrics[:10]) / len(metrics[:10]):.3f}",
+                     f"{sum(m['loss'] for m in tail) / len(tail):.3f}",
+                     " -> ".join(f"{e['perplexity']:.2f} (step {e['step']})" for e in evals)
+                     or "-"])
+    if not rows:
+        return ""
+    return "\n".join(["Fine-tuning (from each run's metrics.jsonl and eval.jsonl)", ""] + _md_table(
+        ["run", "updates", "median tokens/s (after step 10)", "loss, first 10", "loss, last 50",
+         "held-out perplexity"], rows) + [""])
+
+
 def write_comparison(args, runs: list[Run]) -> str:
     results = load_results(args.out, runs)
     checks = compare(runs, results, ppl_tolerance=args.ppl_tolerance,
@@ -446,6 +495,8 @@ def write_comparison(args, runs: list[Run]) -> str:
                      control_floor=args.control_floor)
     table = comparison_table(runs, results, checks, ppl_tolerance=args.ppl_tolerance,
                              accuracy_tolerance=args.accuracy_tolerance)
+    table = "\n".join(part for part in (table, depth_tables(runs, results),
+                                         finetune_summary(args.out, runs)) if part)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / TABLE_FILE, table)
     summary = {"runs": {r.name: {"label": r.label, "attention": r.attention,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,7 +220,11 @@ def test_tiny_comparison_end_to_end(tmp_path):
     summary = json.loads((out / X.SUMMARY_FILE).read_text())
     check = summary["targets"]["cca-w16-ft"]
     assert set(check) >= {"ppl", "passkey", "mdqa", "copy_far", "ppl_with_context", "met"}
-    assert "| CCA w=16, fine-tuned |" in (out / X.TABLE_FILE).read_text()
+    table = (out / X.TABLE_FILE).read_text()
+    assert "| CCA w=16, fine-tuned |" in table
+    assert "| CCA w=16, fine-tuned | 128 | " in table        # the by-depth rows
+    assert re.search(r"\| full, fine-tuned \| 3 \| [\d,]+ \| [\d.]+ \| [\d.]+ \| "
+                     r"[\d.]+ \(step 0\) -> [\d.]+ \(step 3\) \|", table)
     # Everything is done: a rerun runs nothing and rebuilds the same table.
     again = subprocess.run(cmd, cwd=REPO, env=finetune_env(1), capture_output=True, text=True,
                            timeout=300)
