@@ -144,6 +144,14 @@ def _positive(args, *names):
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+def check_number(flag: str, value: float, *, positive: bool) -> None:
+    """UsageError unless `value` is finite and > 0 (`positive`) or >= 0: inf and nan are never
+    meaningful for a learning rate, a clipping norm, a decay or a RoPE base."""
+    bound = "> 0" if positive else ">= 0"
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise UsageError(f"{flag} must be a finite number {bound}, got {value}")
+
+
 def parse_rope_scaling(text: str | None):
     """None (keep the model's), "none" (remove), or a normalised rope_scaling tuple."""
     from cca_jax.rope import normalize_rope_scaling
@@ -165,9 +173,13 @@ def parse_rope_scaling(text: str | None):
             raise UsageError("--rope-scaling must be TYPE:FACTOR (e.g. linear:4), a JSON dict, "
                              f"or none; got {text!r}") from None
     try:
-        return normalize_rope_scaling(data)
+        scaling = normalize_rope_scaling(data)
     except (TypeError, ValueError) as err:
         raise UsageError(f"--rope-scaling: {err}") from None
+    for key, value in scaling or ():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_number(f"--rope-scaling {key}", value, positive=key.endswith("factor"))
+    return scaling
 
 
 def check_arguments(args) -> None:
@@ -178,10 +190,11 @@ def check_arguments(args) -> None:
     for name in ("save_every", "eval_every", "eval_sequences", "warmup_steps", "stop_after"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
-    if args.clip < 0 or args.weight_decay < 0:
-        raise UsageError("--clip and --weight-decay must be >= 0")
+    check_number("--lr", args.lr, positive=True)
+    check_number("--clip", args.clip, positive=False)
+    check_number("--weight-decay", args.weight_decay, positive=False)
+    if args.rope_theta is not None:
+        check_number("--rope-theta", args.rope_theta, positive=True)
     if args.batch_size % args.grad_accum:
         raise UsageError(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum "
                          f"({args.grad_accum})")
@@ -238,8 +251,6 @@ def prepare(args) -> Setup:
     s = Setup()
     s.args = args
     s.rope_scaling = parse_rope_scaling(args.rope_scaling)
-    if args.rope_theta is not None and not args.rope_theta > 0:
-        raise UsageError(f"--rope-theta must be positive, got {args.rope_theta}")
     try:
         s.mesh_sizes = parse_mesh(args.mesh, jax.device_count())
     except ValueError as err:

@@ -127,6 +127,27 @@ def test_batch_must_split_over_the_mesh(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "inf", "--lr must be a finite number > 0, got inf"),
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--lr", "-1e-3", "--lr must be a finite number > 0, got -0.001"),
+    ("--weight-decay", "inf", "--weight-decay must be a finite number >= 0, got inf"),
+    ("--weight-decay", "-0.1", "--weight-decay must be a finite number >= 0, got -0.1"),
+    ("--clip", "nan", "--clip must be a finite number >= 0, got nan"),
+    ("--clip", "-inf", "--clip must be a finite number >= 0, got -inf"),
+    ("--rope-theta", "inf", "--rope-theta must be a finite number > 0, got inf"),
+    ("--rope-theta", "0", "--rope-theta must be a finite number > 0, got 0.0"),
+    ("--rope-scaling", "linear:inf", "--rope-scaling factor must be a finite number > 0, got inf"),
+    ("--rope-scaling", "dynamic:-2", "--rope-scaling factor must be a finite number > 0, got -2.0"),
+])
+def test_non_finite_or_negative_numbers_are_refused_before_anything_loads(tmp_path, capsys,
+                                                                         flag, value, message):
+    # The model does not exist: the flag must be refused before anything is read.
+    _fails(capsys, ["--model", tmp_path / "no-model", "--data", tmp_path / "no.txt", "--out",
+                    tmp_path / "o", f"{flag}={value}"], f"error: {message}")
+    assert not (tmp_path / "o").exists()
+
+
 def test_help_lists_every_flag():
     text = finetune.build_parser().format_help()
     for flag in ("--model", "--data", "--out", "--steps", "--seq-len", "--batch-size",
