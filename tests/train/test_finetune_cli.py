@@ -61,6 +61,25 @@ def test_4x2_gives_the_step_1_loss_of_8x1(tiny, run_8x1, tmp_path):
     assert all(r["devices"] == 8 for r in report)
 
 
+def test_1x3_mesh_with_heads_that_do_not_split_3_ways_trains_with_replicated_heads(
+        tiny, run_8x1, tmp_path):
+    """4 query / 2 key-value heads on a tensor axis of 3: the heads stay whole (replicated)
+    with a note, instead of a "Resource axis: kv_heads ... is not found in mesh" error."""
+    out = tmp_path / "1x3"
+    result = run_finetune(tiny.args(out, "--mesh", "1x3", "--steps", "1", "--eval-sequences",
+                                    "0", "--no-export"), devices=3)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "note: heads are not split: 4 query / 2 key-value heads" in result.stdout
+    assert "tensor=3" in result.stdout
+    step1 = read_jsonl(out / "metrics.jsonl")[0]["loss"]
+    reference = read_jsonl(run_8x1[0] / "metrics.jsonl")[0]["loss"]
+    assert abs(step1 - reference) < 1e-4, (step1, reference)
+    report = json.loads((out / "shardings.json").read_text())
+    k_path = "['params']['layers']['0']['self_attn']['k_proj']['kernel']"
+    k = next(r for r in report if r["path"] == k_path)
+    assert k["spec"] == "P(None, None)" and k["devices"] == 3 and k["fully_replicated"]
+
+
 def test_interrupted_run_resumes_with_identical_losses(tiny, run_8x1, tmp_path):
     out = tmp_path / "resumed"
     common = ["--mesh", "8x1", "--steps", "6", "--save-every", "2"]

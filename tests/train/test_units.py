@@ -71,8 +71,13 @@ def test_heads_stay_whole_when_the_tensor_axis_does_not_divide_them():
     config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                          head_dim=64)
     rules, notes = sharding.rules_for(config, fake_mesh(fsdp=4, tensor=2))
-    assert "heads" not in dict(rules) and "mlp" in dict(rules)
+    # Mapped to no mesh axis, not dropped: a dropped name reads as a mesh axis of that name.
+    assert dict(rules)["heads"] is None and dict(rules)["kv_heads"] is None
+    assert dict(rules)["mlp"] == "tensor"
     assert "9 query / 3 key-value heads" in notes[0]
+    m = fake_mesh(fsdp=4, tensor=2)
+    assert sharding.spec_for(("embed", "heads"), (576, 576), m, rules) == P("fsdp", None)
+    assert sharding.spec_for(("embed", "kv_heads"), (576, 192), m, rules) == P("fsdp", None)
     rules, notes = sharding.rules_for(config, fake_mesh(fsdp=2, tensor=3))
     assert dict(rules)["heads"] == "tensor" and not notes
 
