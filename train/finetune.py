@@ -327,7 +327,7 @@ def prepare(args) -> Setup:
         raise UsageError("the tokenizer and the model config define no EOS token to put "
                          "between documents")
     t0 = time.perf_counter()
-    train_texts = data_lib.load_texts(s.train_files, args.text_field)
+    train_texts = data_lib.load_texts(s.train_files, args.text_field, "--data")
     if not any(t.strip() for t in train_texts):
         raise UsageError(f"the training corpus is empty: no text in "
                          f"{', '.join(str(f) for f in s.train_files[:4])}"
@@ -341,7 +341,7 @@ def prepare(args) -> Setup:
     s.eval_batch = s.micro_batch
     want_eval = args.eval_sequences > 0
     if s.eval_files is not None:
-        eval_texts = data_lib.load_texts(s.eval_files, args.text_field)
+        eval_texts = data_lib.load_texts(s.eval_files, args.text_field, "--eval-data")
         if want_eval and not any(t.strip() for t in eval_texts):
             raise UsageError("the held-out corpus (--eval-data) is empty")
         eval_packed = data_lib.PackedTokens(

