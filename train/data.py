@@ -220,6 +220,22 @@ def tokenize_stream(texts: Sequence[str], tokenizer, eos_id: int) -> np.ndarray:
     return np.concatenate(pieces)
 
 
+def tokenizer_size(tokenizer) -> int:
+    """One more than the largest id the tokenizer can produce (added tokens included)."""
+    ids = tokenizer.get_vocab().values()
+    return max(len(tokenizer), max(ids, default=-1) + 1)
+
+
+def check_token_ids(stream: np.ndarray, vocab_size: int, what: str) -> None:
+    """ValueError if a token id falls outside `[0, vocab_size)`: the embedding would read no row
+    for it, and the loss would be NaN at every step."""
+    if len(stream) and (stream.min() < 0 or stream.max() >= vocab_size):
+        bad = stream[(stream < 0) | (stream >= vocab_size)]
+        raise ValueError(f"the {what} corpus has {len(bad):,} token id(s) outside the model's "
+                         f"vocabulary of {vocab_size} (vocab_size), e.g. {int(bad[0])}; "
+                         "tokenise with the model's own tokenizer")
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedTokens:
     """Sequences of `seq_len + 1` tokens cut from one stream (consecutive ones share a token)."""

@@ -319,6 +319,13 @@ def prepare(args) -> Setup:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     s.tokenizer = load_tokenizer(s.model_dir)
+    token_ids = data_lib.tokenizer_size(s.tokenizer)
+    if token_ids > s.config.vocab_size:
+        raise UsageError(
+            f"the tokenizer of {str(s.model_dir)!r} has {token_ids} token ids but the model's "
+            f"vocabulary (vocab_size) has {s.config.vocab_size}: ids {s.config.vocab_size} to "
+            f"{token_ids - 1} have no embedding row (the loss would be NaN); use the "
+            "tokenizer the model was trained with")
     eos = s.tokenizer.eos_token_id
     if eos is None:
         eos = s.config.eos_token_id[0] if isinstance(s.config.eos_token_id, tuple) \
@@ -333,6 +340,7 @@ def prepare(args) -> Setup:
                          f"{', '.join(str(f) for f in s.train_files[:4])}"
                          f"{' ...' if len(s.train_files) > 4 else ''}")
     train_stream = data_lib.tokenize_stream(train_texts, s.tokenizer, eos)
+    data_lib.check_token_ids(train_stream, s.config.vocab_size, "training")
     packed = data_lib.PackedTokens(train_stream, args.seq_len)
     try:
         data_lib.require_sequences(packed, "training")
@@ -344,8 +352,9 @@ def prepare(args) -> Setup:
         eval_texts = data_lib.load_texts(s.eval_files, args.text_field, "--eval-data")
         if want_eval and not any(t.strip() for t in eval_texts):
             raise UsageError("the held-out corpus (--eval-data) is empty")
-        eval_packed = data_lib.PackedTokens(
-            data_lib.tokenize_stream(eval_texts, s.tokenizer, eos), args.seq_len)
+        eval_stream = data_lib.tokenize_stream(eval_texts, s.tokenizer, eos)
+        data_lib.check_token_ids(eval_stream, s.config.vocab_size, "held-out")
+        eval_packed = data_lib.PackedTokens(eval_stream, args.seq_len)
         eval_name = ", ".join(f.stem for f in s.eval_files[:3]) + \
             (" ..." if len(s.eval_files) > 3 else "")
     elif want_eval:

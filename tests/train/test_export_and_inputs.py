@@ -116,6 +116,25 @@ def test_non_utf8_or_binary_data_is_an_error_naming_the_file(tiny, tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_compute(tiny, tmp_path,
+                                                                         capsys):
+    """The tiny model has a vocabulary of 64; a tokenizer with 70 ids gave NaN losses."""
+    import shutil
+
+    from tests.train.tiny import SPECIALS, VOCAB_SIZE, WORDS, write_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny.model, model)
+    extra = tuple(f"w{i}" for i in range(70 - len(SPECIALS) - len(WORDS)))
+    write_tokenizer(model, extra_words=extra)
+    (tmp_path / "doc.txt").write_text(" ".join(tuple(WORDS) + extra) * 20)
+    _fails(capsys, ["--model", model, "--data", tmp_path / "doc.txt", "--out", tmp_path / "o",
+                    "--seq-len", "32", "--window-size", "8", "--group-size", "4"],
+           f"error: the tokenizer of {str(model)!r} has 70 token ids but the model's "
+           f"vocabulary (vocab_size) has {VOCAB_SIZE}: ids 64 to 69 have no embedding row")
+    assert not (tmp_path / "o").exists()
+
+
 def test_seq_len_shorter_than_window_plus_group(tiny, tmp_path, capsys):
     _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--out", tmp_path / "o",
                     "--seq-len", "64", "--window-size", "60", "--group-size", "8"],

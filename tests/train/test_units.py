@@ -126,6 +126,25 @@ def test_tokenize_stream_puts_eos_after_every_document():
     assert stream.tolist() == [1, 2, 0, 3, 0] and stream.dtype == np.int32
 
 
+def test_token_ids_outside_the_vocabulary_are_refused():
+    data.check_token_ids(np.array([0, 5, 63], np.int32), 64, "training")
+    with pytest.raises(ValueError, match=r"training corpus has 2 token id\(s\) outside the "
+                                         r"model's vocabulary of 64 \(vocab_size\), e.g. 64"):
+        data.check_token_ids(np.array([1, 64, 3, 70], np.int32), 64, "training")
+    with pytest.raises(ValueError, match="held-out corpus has 1 token id.*e.g. -1"):
+        data.check_token_ids(np.array([1, -1], np.int32), 64, "held-out")
+
+
+def test_tokenizer_size_counts_the_largest_id(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    sparse = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1, "far": 100},
+                                        unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=sparse, unk_token="<unk>")
+    assert data.tokenizer_size(tokenizer) == 101
+
+
 def test_packing_overlaps_by_one_token():
     packed = data.PackedTokens(np.arange(11, dtype=np.int32), 4)
     assert packed.num_sequences == 2
