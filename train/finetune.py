@@ -401,6 +401,41 @@ def trajectory_of(args, s) -> dict:
     return json.loads(json.dumps(out))
 
 
+def restore_newest_valid(run_dir, abstract_state, trajectory: dict, steps: int):
+    """(step, meta, state) of the newest checkpoint that reads back as it was saved, or None if
+    there is no checkpoint.
+
+    A newer checkpoint that does not (damaged, truncated, unreadable) gets a warning naming it
+    and why, and is moved to corrupt-checkpoints/ once an older one has been restored (so the
+    rotation of --keep counts only valid ones). If no checkpoint is valid, a UsageError, and
+    nothing is moved. A valid checkpoint of other settings is a UsageError (check_resumable).
+    """
+    from train.checkpoint import CorruptCheckpoint
+
+    bad = []
+    for step in reversed(run_dir.all_steps()):
+        try:
+            meta = run_dir.read_meta(step)
+            check_resumable(meta, trajectory, steps)
+            state = run_dir.restore(step, abstract_state)
+        except CorruptCheckpoint as err:
+            print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr,
+                  flush=True)
+            bad.append(err)
+            continue
+        for err in bad:
+            moved = run_dir.quarantine(err.step)
+            print(f"warning: moved the unusable checkpoint {err.step} to {moved}; resuming "
+                  f"from step {step}", file=sys.stderr, flush=True)
+        return step, meta, state
+    if bad:
+        raise UsageError(f"--resume: none of the {len(bad)} checkpoint(s) in "
+                         f"{run_dir.checkpoints} can be used (" +
+                         "; ".join(f"{err.step}: {err.reason}" for err in bad) +
+                         "); nothing was changed: start over with --overwrite or another --out")
+    return None
+
+
 def check_resumable(meta: dict, trajectory: dict, steps: int) -> None:
     stored = meta.get("trajectory", {})
     changed = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {trajectory[k]!r}"
@@ -416,8 +451,8 @@ def check_resumable(meta: dict, trajectory: dict, steps: int) -> None:
 
 # ----------------------------------------------------------------------------- training
 
-RUN_ITEMS = ("checkpoints", "metrics.jsonl", "eval.jsonl", "shardings.json", "export",
-             "tensorboard")
+RUN_ITEMS = ("checkpoints", "corrupt-checkpoints", "metrics.jsonl", "eval.jsonl",
+             "shardings.json", "export", "tensorboard")
 
 
 def remove_run(out: Path) -> None:
@@ -438,6 +473,7 @@ def run(s: Setup) -> int:
     from tqdm import tqdm
 
     from cca_jax.llama import LlamaForCausalLM
+    from convert.io import atomic_write_text
     from train import model as model_lib
     from train.checkpoint import RunDirectory, abstract_with_shardings
     from train.data import ShuffledBatches
@@ -453,16 +489,6 @@ def run(s: Setup) -> int:
     run_dir = RunDirectory(s.out, args.keep)
     start_step = 0
     meta = None
-    if args.resume:
-        latest = run_dir.latest_step()
-        if latest is None:
-            print(f"--resume: no checkpoint in {s.out / 'checkpoints'}; starting at step 0",
-                  flush=True)
-            run_dir.truncate_logs(0)
-        else:
-            start_step = latest
-            meta = run_dir.restore_meta(start_step)
-            check_resumable(meta, s.trajectory, args.steps)
 
     mesh = make_mesh(s.mesh_sizes)
     rules, notes = rules_for(config, mesh)
@@ -492,13 +518,21 @@ def run(s: Setup) -> int:
         batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, None))
         eval_sharding = NamedSharding(mesh, PartitionSpec(batch_axes, None))
 
+        abstract_state = {
+            "params": abstract_with_shardings(abstract_params, p_shardings),
+            "opt_state": abstract_with_shardings(abstract_opt, o_shardings),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
+
         t0 = time.perf_counter()
-        if start_step:
-            abstract_state = {
-                "params": abstract_with_shardings(abstract_params, p_shardings),
-                "opt_state": abstract_with_shardings(abstract_opt, o_shardings),
-                "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
-            state = run_dir.restore(start_step, abstract_state)
+        restored = None
+        if args.resume:
+            restored = restore_newest_valid(run_dir, abstract_state, s.trajectory, args.steps)
+            if restored is None:
+                print(f"--resume: no checkpoint in {run_dir.checkpoints}; starting at step 0",
+                      flush=True)
+                run_dir.truncate_logs(0)
+        if restored is not None:
+            start_step, meta, state = restored
             params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
             print(f"resumed from step {start_step} ({s.out / 'checkpoints' / str(start_step)}), "
                   f"data position {meta['data_position']} sequences, in "
@@ -619,7 +653,8 @@ def run(s: Setup) -> int:
         after = evaluate(step)
         if jax.process_index() == 0:
             report = {"params": params, "opt_state": opt_state}
-            (s.out / "shardings.json").write_text(json.dumps(sharding_report(report), indent=1))
+            atomic_write_text(s.out / "shardings.json", json.dumps(sharding_report(report),
+                                                                    indent=1))
         run_dir.close()
         if not args.no_export:
             t0 = time.perf_counter()
@@ -650,9 +685,11 @@ def main(argv: list[str] | None = None) -> int:
             ModuleNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from train.checkpoint import LogError
+
     try:
         return run(setup)
-    except UsageError as err:
+    except (UsageError, LogError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
