@@ -10,6 +10,7 @@ Layout of `--out DIR`:
     corrupt-checkpoints/<step>/  checkpoints that failed verification on --resume (moved
                                  aside, never deleted)
     metrics.jsonl                one object per step: step, loss, lr, grad_norm, tokens_per_s
+                                 (and "skipped": true for a non-finite step)
     eval.jsonl                   one object per held-out evaluation: step, loss, perplexity
     shardings.json               where every parameter / optimizer array lives (from .sharding)
     export/                      the final parameters as a converted cca_jax model directory
@@ -27,7 +28,7 @@ position-weighted sums of its 32-bit words, computed on the devices: independent
 sharding, so a restore on another mesh checks the same numbers) is stored in the `digests`
 item, written atomically with the checkpoint, and compared after every restore; the meta
 data is covered by a sha256. A checkpoint that cannot be read, or reads back other values,
-or holds a non-finite value, raises `CorruptCheckpoint`.
+or holds a non-finite value, raises `CorruptCheckpoint`. A non-finite state is never saved.
 
 Logs are appended a line at a time; a torn last line (a crash mid-write) is dropped with a
 note, and dropping the lines after a resumed checkpoint replaces the file atomically.
@@ -56,6 +57,10 @@ class CorruptCheckpoint(Exception):
     def __init__(self, step: int, path: Path, reason: str):
         super().__init__(f"checkpoint {step} ({path}) is unusable: {reason}")
         self.step, self.path, self.reason = step, path, reason
+
+
+class NonFiniteState(ValueError):
+    """A state with NaN or Inf values, which is never saved."""
 
 
 class LogError(ValueError):
@@ -198,13 +203,16 @@ class RunDirectory:
         return self.checkpoints / str(step)
 
     def save(self, step: int, state: Mapping, meta: Mapping[str, Any]) -> None:
-        """Save asynchronously, with the digests."""
+        """Save asynchronously, with the digests; NonFiniteState (nothing written) if any
+        array holds a NaN or Inf."""
         ocp = self._ocp
         if step in self.manager.all_steps():
             return
         arrays = fingerprints(state)
-        for entry in arrays.values():
-            del entry["finite"]
+        bad = [path for path, entry in arrays.items() if not entry.pop("finite")]
+        if bad:
+            raise NonFiniteState(f"the state after step {step} holds non-finite values "
+                                 f"({len(bad)} array(s), e.g. {bad[0]}); not saved")
         meta = json.loads(json.dumps(dict(meta)))
         digests = {"format": DIGESTS_FORMAT, "step": step, "meta_sha256": canonical_sha256(meta),
                    "arrays": arrays}
@@ -297,6 +305,15 @@ class RunDirectory:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def finish_pending(self) -> None:
+        """Let the saves under way complete, on the way out of an error (that error is the
+        one reported: a failure here is only a warning)."""
+        try:
+            self.close()
+        except Exception as err:
+            print(f"warning: the checkpoint being written could not be completed "
+                  f"({_reason(err)})", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ logs
 

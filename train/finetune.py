@@ -38,6 +38,10 @@ class UsageError(ValueError):
     """A bad argument or input, found before any compute."""
 
 
+class Diverged(RuntimeError):
+    """More non-finite steps in a row than --nan-patience allows."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.finetune",
@@ -105,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-chunk", type=int, default=1024,
                    help="tokens per vocabulary-projection chunk of the float32 loss")
     g.add_argument("--seed", type=int, default=0, help="data order and RNG seed")
+    g.add_argument("--nan-patience", type=int, default=0, metavar="N",
+                   help="a step whose loss or gradient norm is NaN or Inf is skipped (its "
+                        "update is not applied) with a warning, up to N in a row; one more "
+                        "stops the run with an error (exit code 1) and no checkpoint of that "
+                        "state (0: stop at the first)")
     g = p.add_argument_group("run")
     g.add_argument("--mesh", default="-1x1",
                    help="device mesh DxT or DxFxT: D*F-way batch, F-way FSDP of parameters "
@@ -187,7 +196,8 @@ def check_arguments(args) -> None:
               "loss_chunk", "keep")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2, got {args.seq_len}")
-    for name in ("save_every", "eval_every", "eval_sequences", "warmup_steps", "stop_after"):
+    for name in ("save_every", "eval_every", "eval_sequences", "warmup_steps", "stop_after",
+                 "nan_patience"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check_number("--lr", args.lr, positive=True)
@@ -436,6 +446,33 @@ def restore_newest_valid(run_dir, abstract_state, trajectory: dict, steps: int):
     return None
 
 
+class NonFiniteGuard:
+    """Counts steps in a row whose loss or gradient norm is not finite (the train step did not
+    apply their updates); past --nan-patience of them, Diverged."""
+
+    def __init__(self, patience: int):
+        self.patience, self.in_a_row = patience, 0
+
+    def check(self, step: int, loss: float, grad_norm: float, last_saved: int | None):
+        """None for a finite step; a warning for a skipped one; Diverged past the patience."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return None
+        self.in_a_row += 1
+        bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+               if not math.isfinite(value)]
+        what = f"step {step}: non-finite {' and '.join(bad)}"
+        if self.in_a_row > self.patience:
+            newest = (f"the newest checkpoint is step {last_saved}" if last_saved is not None
+                      else "no checkpoint was saved")
+            raise Diverged(f"{what} ({self.in_a_row} such step(s) in a row, --nan-patience "
+                           f"{self.patience}); stopped without saving this state; {newest} "
+                           "(continue from it with --resume, e.g. after lowering --lr, or "
+                           "allow skipped steps with --nan-patience)")
+        return (f"warning: {what}; its update was skipped ({self.in_a_row} of --nan-patience "
+                f"{self.patience} in a row)")
+
+
 def check_resumable(meta: dict, trajectory: dict, steps: int) -> None:
     stored = meta.get("trajectory", {})
     changed = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {trajectory[k]!r}"
@@ -581,11 +618,14 @@ def run(s: Setup) -> int:
                 writer.add_scalar("eval/perplexity", record["perplexity"], step)
             return record["perplexity"]
 
+        saved = [start_step] if start_step else []
+
         def save(step: int) -> None:
             run_dir.save(step, {"params": params, "opt_state": opt_state, "rng": rng}, {
                 "step": step, "data_position": batches.position(step), "seed": args.seed,
                 "stored_dtype": stored_dtype, "trajectory": s.trajectory,
                 "config": json.loads(config.to_json())})
+            saved.append(step)
 
         writer = _tensorboard_writer(s.out) if jax.process_index() == 0 else None
         before = None
@@ -610,6 +650,7 @@ def run(s: Setup) -> int:
                       "checkpoint (again to stop at once)")
 
         handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        guard = NonFiniteGuard(args.nan_patience)
         try:
             while step < stop_at and not interrupted:
                 batch = step_batch(step)
@@ -622,23 +663,33 @@ def run(s: Setup) -> int:
                 step += 1
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": tokens_per_step / seconds}
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if not finite:
+                    record["skipped"] = True
                 run_dir.log(run_dir.metrics_file, record)
                 if writer is not None:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                         writer.add_scalar(f"train/{key}", record[key], step)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
+                warning = guard.check(step, loss, grad_norm, saved[-1] if saved else None)
+                if warning:
+                    bar.write(warning, file=sys.stderr)
                 if args.save_every and step % args.save_every == 0:
                     save(step)
                 if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                     ppl = evaluate(step)
                     if ppl is not None:
                         bar.write(f"step {step}: held-out perplexity {ppl:.3f}")
+            bar.close()
+            save(step)
+        except BaseException:
+            bar.close()
+            run_dir.finish_pending()   # the checkpoints already under way are good: let them land
+            raise
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        bar.close()
-        save(step)
         if interrupted:
             run_dir.close()
             print(f"interrupted after step {step}; checkpoint saved; continue with "
@@ -685,13 +736,16 @@ def main(argv: list[str] | None = None) -> int:
             ModuleNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from train.checkpoint import LogError
+    from train.checkpoint import LogError, NonFiniteState
 
     try:
         return run(setup)
     except (UsageError, LogError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (Diverged, NonFiniteState) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

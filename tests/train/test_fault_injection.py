@@ -276,3 +276,57 @@ def test_no_valid_checkpoint_is_an_error_and_changes_nothing(tiny, reference, tm
         assert f"{step}: 1 array(s) read back differ from what was saved" in error[0]
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert (out / "metrics.jsonl").read_text() == metrics
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_a_non_finite_step_stops_the_run_without_a_checkpoint_of_it(tiny, tmp_path):
+    """lr 1e30: the first update blows the weights up, the gradient norm of step 2 is NaN.
+    Before: NaN losses, exit 0, NaN checkpoints rotating the good ones away."""
+    out = tmp_path / "run"
+    run = fine_tune(tiny, out, "--steps", STEPS, "--keep", 3, "--lr", "1e30")
+    assert run.rc == 1, run.stdout + run.stderr
+    assert_clean(run)
+    error = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, run.stderr
+    assert error[0].startswith("error: step 2: non-finite gradient norm nan (1 such step(s) in "
+                               "a row, --nan-patience 0); stopped without saving this state; "
+                               "the newest checkpoint is step 1"), error
+    assert checkpoint_steps(out) == [1] and leftovers(out) == []
+
+
+def test_nan_patience_skips_that_many_steps_in_a_row(tiny, tmp_path):
+    out = tmp_path / "run"
+    run = fine_tune(tiny, out, "--steps", STEPS, "--keep", 3, "--lr", "1e30",
+                    "--nan-patience", 2)
+    assert run.rc == 1, run.stdout + run.stderr
+    assert "warning: step 2: non-finite gradient norm nan; its update was skipped (1 of " \
+           "--nan-patience 2 in a row)" in run.stderr
+    assert "warning: step 3: non-finite" in run.stderr
+    assert "error: step 4: non-finite gradient norm nan (3 such step(s) in a row" in run.stderr
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r.get("skipped", False) for r in records] == [False, True, True, True]
+    # Skipped steps left the weights as they were: their checkpoints are valid (and finite),
+    # the diverged step 4 has none; rotation kept the newest valid one.
+    assert checkpoint_steps(out) == [1, 2, 3]
+
+
+def test_nan_patience_is_documented_and_checked(capsys, tmp_path):
+    assert "--nan-patience" in finetune.build_parser().format_help()
+    assert finetune.main(["--nan-patience", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "error: --nan-patience must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    import jax.numpy as jnp
+
+    from train.checkpoint import NonFiniteState, RunDirectory
+
+    run_dir = RunDirectory(tmp_path / "run", keep=2)
+    state = {"params": {"w": jnp.array([1.0, jnp.inf])}, "rng": jnp.zeros(2, jnp.uint32)}
+    with pytest.raises(NonFiniteState, match=r"state after step 3 holds non-finite values "
+                                             r"\(1 array\(s\), e.g. \['params'\]\['w'\]\)"):
+        run_dir.save(3, state, {"step": 3})
+    run_dir.close()
+    assert run_dir.all_steps() == [] and leftovers(tmp_path) == []
