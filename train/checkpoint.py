@@ -31,14 +31,22 @@ data is covered by a sha256. A checkpoint that cannot be read, or reads back oth
 or holds a non-finite value, raises `CorruptCheckpoint`. A non-finite state is never saved.
 
 Logs are appended a line at a time; a torn last line (a crash mid-write) is dropped with a
-note, and dropping the lines after a resumed checkpoint replaces the file atomically.
+note, and dropping the lines after a resumed checkpoint replaces the file atomically. A save
+is refused up front if the disk has no room for it; a write that fails anyway (full disk,
+quota, read-only) is recognised by `write_failure`, and the many tracebacks orbax's threads
+would print for it are dropped (the caller reports it in one line).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import json
+import logging
+import math
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -142,10 +150,43 @@ def _reason(err: BaseException) -> str:
     return f"{type(root).__name__}: {text[:300]}" if text else type(root).__name__
 
 
+# A failed write: full disk, quota, file size limit, read-only or inaccessible location, I/O.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def write_failure(err: BaseException) -> str | None:
+    """"<reason>: <file>" if `err` (or what it was raised from) is a failure to write to
+    disk, as an OSError or as tensorstore's message (orbax passes that on as a ValueError);
+    else None."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return f"{e.strerror or os.strerror(e.errno)}{f': {e.filename}' if e.filename else ''}"
+        text = str(e)
+        for code in _WRITE_ERRNOS:
+            if os.strerror(code) in text:
+                where = re.search(r'(?:Failed writing|writing): "([^"]+)"', text)
+                return f"{os.strerror(code)}{f': {where.group(1)}' if where else ''}"
+    return None
+
+
+class _ReportedWriteFailures(logging.Filter):
+    """Drops the tracebacks that orbax's threads and asyncio log for a failed checkpoint
+    write (a dozen or more for one full disk): the run reports it in one `error:` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            exc = next((a for a in record.args or () if isinstance(a, BaseException)), None)
+        return exc is None or write_failure(exc) is None
+
+
+_WRITE_FAILURE_FILTER = _ReportedWriteFailures()
+
+
 def _abandoned_io(unraisable) -> bool:
     """Whether an unraisable exception is the debris of an orbax operation that failed (and
     was reported): orbax runs tensorstore I/O on an event loop that it closes as soon as one
-    operation fails (a damaged file on restore). The completions of the
+    operation fails (a damaged file on restore, a full disk on save). The completions of the
     others then raise "Event loop is closed" in tensorstore's threads; its coroutines, closed
     by the garbage collector, turn GeneratorExit into an exception; at exit, the same find
     the interpreter shutting down. Each prints a traceback, dozens for one failure."""
@@ -160,7 +201,8 @@ def _abandoned_io(unraisable) -> bool:
 
 def _drop_abandoned_io_debris() -> None:
     """Install (once) an unraisable-exception hook that drops `_abandoned_io` debris and
-    passes everything else to the previous hook."""
+    passes everything else to the previous hook, and a logging filter that drops the
+    tracebacks orbax and asyncio log for a failed write (reported as one `error:` line)."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_io", False):
         return
@@ -170,6 +212,8 @@ def _drop_abandoned_io_debris() -> None:
             previous(unraisable)
     hook.drops_abandoned_io = True
     sys.unraisablehook = hook
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_WRITE_FAILURE_FILTER)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -202,12 +246,25 @@ class RunDirectory:
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / str(step)
 
+    def check_free_space(self, nbytes: int, what: str) -> None:
+        """OSError(ENOSPC) naming the sizes if the file system of checkpoints/ has less free
+        space than `nbytes` (plus 5% and 1 MB): refuse before writing rather than fail half
+        way through."""
+        needed = int(nbytes * 1.05) + (1 << 20)
+        free = shutil.disk_usage(self.checkpoints).free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {what} needs about "
+                                        f"{needed / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free",
+                          str(self.checkpoints))
+
     def save(self, step: int, state: Mapping, meta: Mapping[str, Any]) -> None:
         """Save asynchronously, with the digests; NonFiniteState (nothing written) if any
-        array holds a NaN or Inf."""
+        array holds a NaN or Inf; OSError if there is no room for it."""
         ocp = self._ocp
         if step in self.manager.all_steps():
             return
+        self.manager.wait_until_finished()   # the previous save's space is taken, or it failed
+        self.check_free_space(state_bytes(state), f"checkpoint {step}")
         arrays = fingerprints(state)
         bad = [path for path, entry in arrays.items() if not entry.pop("finite")]
         if bad:
@@ -361,6 +418,11 @@ class RunDirectory:
 
     def read_log(self, file: Path) -> list[dict]:
         return [record for _, record in self._records(file)]
+
+
+def state_bytes(tree) -> int:
+    """Bytes of all arrays of a tree (arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _sync(name: str) -> None:

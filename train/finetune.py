@@ -512,7 +512,7 @@ def run(s: Setup) -> int:
     from cca_jax.llama import LlamaForCausalLM
     from convert.io import atomic_write_text
     from train import model as model_lib
-    from train.checkpoint import RunDirectory, abstract_with_shardings
+    from train.checkpoint import RunDirectory, abstract_with_shardings, state_bytes
     from train.data import ShuffledBatches
     from train.mesh import make_mesh
     from train.sharding import (logical_axes_of, param_shardings, rules_for, sharding_report,
@@ -559,6 +559,7 @@ def run(s: Setup) -> int:
             "params": abstract_with_shardings(abstract_params, p_shardings),
             "opt_state": abstract_with_shardings(abstract_opt, o_shardings),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
+        run_dir.check_free_space(state_bytes(abstract_state), "a checkpoint")
 
         t0 = time.perf_counter()
         restored = None
@@ -736,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
             ModuleNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from train.checkpoint import LogError, NonFiniteState
+    from train.checkpoint import LogError, NonFiniteState, write_failure
 
     try:
         return run(setup)
@@ -745,6 +746,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (Diverged, NonFiniteState) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        print(f"error: cannot write the run directory ({reason}); the checkpoints completed "
+              "before are intact: continue with --resume once it can be written",
+              file=sys.stderr)
         return 1
 
 

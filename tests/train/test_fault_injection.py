@@ -10,6 +10,7 @@ die or run under a file size limit; the tiny model and corpus come from conftest
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import random
@@ -330,3 +331,76 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
         run_dir.save(3, state, {"step": 3})
     run_dir.close()
     assert run_dir.all_steps() == [] and leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def _one_error_line(run: Run, strict: bool = True) -> str:
+    """The `error:` line; `strict`: the only line on stderr besides the progress bar."""
+    assert_clean(run)
+    lines = [line for line in run.stderr.splitlines()
+             if line.strip() and not line.startswith("fine-tuning")]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, run.stdout + run.stderr
+    if strict:
+        assert lines == errors, run.stderr
+    return errors[0]
+
+
+def test_a_full_disk_is_refused_before_compute(tiny, tmp_path, monkeypatch):
+    from train import checkpoint
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: usage._replace(free=100_000))
+    run = fine_tune(tiny, tmp_path / "run", "--steps", STEPS)
+    assert run.rc == 1
+    line = _one_error_line(run)
+    assert "No space left on device: a checkpoint needs about" in line and "0.1 MB are free" \
+        in line, line
+    assert "compiled the train step" not in run.stdout
+
+
+def test_a_full_disk_while_logging_is_one_error_line(tiny, tmp_path, monkeypatch):
+    from train import checkpoint
+
+    real_log = checkpoint.RunDirectory.log
+
+    def log(self, file, record):
+        if record["step"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        real_log(self, file, record)
+    monkeypatch.setattr(checkpoint.RunDirectory, "log", log)
+    out = tmp_path / "run"
+    run = fine_tune(tiny, out, "--steps", STEPS, "--keep", 3)
+    assert run.rc == 1
+    line = _one_error_line(run)
+    assert f"(No space left on device: {out / 'metrics.jsonl'})" in line, line
+    assert checkpoint_steps(out) == [1, 2] and leftovers(out) == []
+
+
+def test_a_write_failing_inside_orbax_is_one_error_line_and_resume_recovers(tiny, reference,
+                                                                            tmp_path):
+    """A file size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes tensorstore's write of the
+    checkpoint's array data fail half way, as a full disk does (no root needed for it):
+    one `error:` line, the checkpoints before are intact, and --resume cleans up the
+    temporary directory and ends with the reference's losses."""
+    out = copy_run(reference, tmp_path / "run", keep_until=3)
+    limit_kb = _largest(out / "checkpoints" / "3" / "state" / "ocdbt.process_0" / "d") \
+        .stat().st_size // 2048
+    command = " ".join(f"'{a}'" for a in finetune_command(
+        tiny.args(out, *FAULT_ARGS, "--steps", STEPS, "--keep", 3, "--resume")))
+    result = subprocess.run(["bash", "-c", f"ulimit -f {limit_kb}; trap '' XFSZ; exec {command}"],
+                            cwd=REPO, env=finetune_env(1), capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = _one_error_line(Run(result.returncode, result.stdout, result.stderr), strict=False)
+    assert line.startswith("error: cannot write the run directory (File too large: "
+                           f"{out / 'checkpoints' / '4.orbax-checkpoint-tmp'}"), line
+    assert checkpoint_steps(out) == [1, 2, 3] and leftovers(out)
+    run = fine_tune(tiny, out, "--steps", STEPS, "--keep", 3, "--resume")
+    assert run.rc == 0, run.stdout + run.stderr
+    assert "resumed from step 3 " in run.stdout
+    assert losses(out) == reference[1]
+    assert leftovers(out) == []
