@@ -244,6 +244,31 @@ def test_damaged_checkpoint_files_fall_back_to_the_newest_valid_checkpoint(tiny,
         assert "warning" not in again.stderr and checkpoint_steps(out) == [4, 5, 6]
 
 
+def test_edits_that_keep_the_json_valid_are_caught_by_the_sha256(reference, tmp_path):
+    """A changed number in the meta data (still valid JSON) or in the digests: caught."""
+    import json
+
+    from train.checkpoint import CorruptCheckpoint, RunDirectory
+
+    out = copy_run(reference, tmp_path / "run")
+    meta = out / "checkpoints" / "6" / "meta" / "metadata"
+    meta.write_text(meta.read_text().replace('"data_position": 48', '"data_position": 40'))
+    digests = out / "checkpoints" / "5" / "digests" / "metadata"
+    record = json.loads(digests.read_text())
+    entry = record["arrays"]["['rng']"]
+    entry["fingerprint"] = entry["fingerprint"][::-1]
+    digests.write_text(json.dumps(record))
+    run_dir = RunDirectory(out, keep=3)
+    with pytest.raises(CorruptCheckpoint, match="checkpoint 6 .* is unusable: its meta data "
+                                                "is damaged"):
+        run_dir.read_meta(6)
+    with pytest.raises(CorruptCheckpoint, match="checkpoint 5 .* is unusable: its digests file "
+                                                "is damaged"):
+        run_dir.read_meta(5)
+    assert run_dir.read_meta(4)["data_position"] == 32
+    run_dir.close()
+
+
 @pytest.mark.parametrize("fault6, fault5", [(flip_bytes, truncate), (truncate, flip_bytes)])
 def test_damage_to_files_that_restoring_does_not_read_loses_nothing(tiny, reference, tmp_path,
                                                                     fault6, fault5):
