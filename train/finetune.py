@@ -38,6 +38,10 @@ class UsageError(ValueError):
     """A bad argument or input, found before any compute."""
 
 
+class Diverged(RuntimeError):
+    """More non-finite steps in a row than --nan-patience allows."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.finetune",
@@ -105,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-chunk", type=int, default=1024,
                    help="tokens per vocabulary-projection chunk of the float32 loss")
     g.add_argument("--seed", type=int, default=0, help="data order and RNG seed")
+    g.add_argument("--nan-patience", type=int, default=0, metavar="N",
+                   help="a step whose loss or gradient norm is NaN or Inf is skipped (its "
+                        "update is not applied) with a warning, up to N in a row; one more "
+                        "stops the run with an error (exit code 1) and no checkpoint of that "
+                        "state (0: stop at the first)")
     g = p.add_argument_group("run")
     g.add_argument("--mesh", default="-1x1",
                    help="device mesh DxT or DxFxT: D*F-way batch, F-way FSDP of parameters "
@@ -144,6 +153,14 @@ def _positive(args, *names):
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+def check_number(flag: str, value: float, *, positive: bool) -> None:
+    """UsageError unless `value` is finite and > 0 (`positive`) or >= 0: inf and nan are never
+    meaningful for a learning rate, a clipping norm, a decay or a RoPE base."""
+    bound = "> 0" if positive else ">= 0"
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise UsageError(f"{flag} must be a finite number {bound}, got {value}")
+
+
 def parse_rope_scaling(text: str | None):
     """None (keep the model's), "none" (remove), or a normalised rope_scaling tuple."""
     from cca_jax.rope import normalize_rope_scaling
@@ -165,9 +182,13 @@ def parse_rope_scaling(text: str | None):
             raise UsageError("--rope-scaling must be TYPE:FACTOR (e.g. linear:4), a JSON dict, "
                              f"or none; got {text!r}") from None
     try:
-        return normalize_rope_scaling(data)
+        scaling = normalize_rope_scaling(data)
     except (TypeError, ValueError) as err:
         raise UsageError(f"--rope-scaling: {err}") from None
+    for key, value in scaling or ():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_number(f"--rope-scaling {key}", value, positive=key.endswith("factor"))
+    return scaling
 
 
 def check_arguments(args) -> None:
@@ -175,13 +196,15 @@ def check_arguments(args) -> None:
               "loss_chunk", "keep")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2, got {args.seq_len}")
-    for name in ("save_every", "eval_every", "eval_sequences", "warmup_steps", "stop_after"):
+    for name in ("save_every", "eval_every", "eval_sequences", "warmup_steps", "stop_after",
+                 "nan_patience"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
-    if args.clip < 0 or args.weight_decay < 0:
-        raise UsageError("--clip and --weight-decay must be >= 0")
+    check_number("--lr", args.lr, positive=True)
+    check_number("--clip", args.clip, positive=False)
+    check_number("--weight-decay", args.weight_decay, positive=False)
+    if args.rope_theta is not None:
+        check_number("--rope-theta", args.rope_theta, positive=True)
     if args.batch_size % args.grad_accum:
         raise UsageError(f"--batch-size ({args.batch_size}) must be a multiple of --grad-accum "
                          f"({args.grad_accum})")
@@ -238,8 +261,6 @@ def prepare(args) -> Setup:
     s = Setup()
     s.args = args
     s.rope_scaling = parse_rope_scaling(args.rope_scaling)
-    if args.rope_theta is not None and not args.rope_theta > 0:
-        raise UsageError(f"--rope-theta must be positive, got {args.rope_theta}")
     try:
         s.mesh_sizes = parse_mesh(args.mesh, jax.device_count())
     except ValueError as err:
@@ -308,6 +329,13 @@ def prepare(args) -> Setup:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     s.tokenizer = load_tokenizer(s.model_dir)
+    token_ids = data_lib.tokenizer_size(s.tokenizer)
+    if token_ids > s.config.vocab_size:
+        raise UsageError(
+            f"the tokenizer of {str(s.model_dir)!r} has {token_ids} token ids but the model's "
+            f"vocabulary (vocab_size) has {s.config.vocab_size}: ids {s.config.vocab_size} to "
+            f"{token_ids - 1} have no embedding row (the loss would be NaN); use the "
+            "tokenizer the model was trained with")
     eos = s.tokenizer.eos_token_id
     if eos is None:
         eos = s.config.eos_token_id[0] if isinstance(s.config.eos_token_id, tuple) \
@@ -320,12 +348,13 @@ def prepare(args) -> Setup:
         prepare_built_data(args, s, t0)
         s.trajectory = trajectory_of(args, s)
         return s
-    train_texts = data_lib.load_texts(s.train_files, args.text_field)
+    train_texts = data_lib.load_texts(s.train_files, args.text_field, "--data")
     if not any(t.strip() for t in train_texts):
         raise UsageError(f"the training corpus is empty: no text in "
                          f"{', '.join(str(f) for f in s.train_files[:4])}"
                          f"{' ...' if len(s.train_files) > 4 else ''}")
     train_stream = data_lib.tokenize_stream(train_texts, s.tokenizer, eos)
+    data_lib.check_token_ids(train_stream, s.config.vocab_size, "training")
     packed = data_lib.PackedTokens(train_stream, args.seq_len)
     try:
         data_lib.require_sequences(packed, "training")
@@ -334,11 +363,12 @@ def prepare(args) -> Setup:
     s.eval_batch = s.micro_batch
     want_eval = args.eval_sequences > 0
     if s.eval_files is not None:
-        eval_texts = data_lib.load_texts(s.eval_files, args.text_field)
+        eval_texts = data_lib.load_texts(s.eval_files, args.text_field, "--eval-data")
         if want_eval and not any(t.strip() for t in eval_texts):
             raise UsageError("the held-out corpus (--eval-data) is empty")
-        eval_packed = data_lib.PackedTokens(
-            data_lib.tokenize_stream(eval_texts, s.tokenizer, eos), args.seq_len)
+        eval_stream = data_lib.tokenize_stream(eval_texts, s.tokenizer, eos)
+        data_lib.check_token_ids(eval_stream, s.config.vocab_size, "held-out")
+        eval_packed = data_lib.PackedTokens(eval_stream, args.seq_len)
         eval_name = ", ".join(f.stem for f in s.eval_files[:3]) + \
             (" ..." if len(s.eval_files) > 3 else "")
     elif want_eval:
@@ -417,6 +447,68 @@ def trajectory_of(args, s) -> dict:
     return json.loads(json.dumps(out))
 
 
+def restore_newest_valid(run_dir, abstract_state, trajectory: dict, steps: int):
+    """(step, meta, state) of the newest checkpoint that reads back as it was saved, or None if
+    there is no checkpoint.
+
+    A newer checkpoint that does not (damaged, truncated, unreadable) gets a warning naming it
+    and why, and is moved to corrupt-checkpoints/ once an older one has been restored (so the
+    rotation of --keep counts only valid ones). If no checkpoint is valid, a UsageError, and
+    nothing is moved. A valid checkpoint of other settings is a UsageError (check_resumable).
+    """
+    from train.checkpoint import CorruptCheckpoint
+
+    bad = []
+    for step in reversed(run_dir.all_steps()):
+        try:
+            meta = run_dir.read_meta(step)
+            check_resumable(meta, trajectory, steps)
+            state = run_dir.restore(step, abstract_state)
+        except CorruptCheckpoint as err:
+            print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr,
+                  flush=True)
+            bad.append(err)
+            continue
+        for err in bad:
+            moved = run_dir.quarantine(err.step)
+            print(f"warning: moved the unusable checkpoint {err.step} to {moved}; resuming "
+                  f"from step {step}", file=sys.stderr, flush=True)
+        return step, meta, state
+    if bad:
+        raise UsageError(f"--resume: none of the {len(bad)} checkpoint(s) in "
+                         f"{run_dir.checkpoints} can be used (" +
+                         "; ".join(f"{err.step}: {err.reason}" for err in bad) +
+                         "); nothing was changed: start over with --overwrite or another --out")
+    return None
+
+
+class NonFiniteGuard:
+    """Counts steps in a row whose loss or gradient norm is not finite (the train step did not
+    apply their updates); past --nan-patience of them, Diverged."""
+
+    def __init__(self, patience: int):
+        self.patience, self.in_a_row = patience, 0
+
+    def check(self, step: int, loss: float, grad_norm: float, last_saved: int | None):
+        """None for a finite step; a warning for a skipped one; Diverged past the patience."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return None
+        self.in_a_row += 1
+        bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+               if not math.isfinite(value)]
+        what = f"step {step}: non-finite {' and '.join(bad)}"
+        if self.in_a_row > self.patience:
+            newest = (f"the newest checkpoint is step {last_saved}" if last_saved is not None
+                      else "no checkpoint was saved")
+            raise Diverged(f"{what} ({self.in_a_row} such step(s) in a row, --nan-patience "
+                           f"{self.patience}); stopped without saving this state; {newest} "
+                           "(continue from it with --resume, e.g. after lowering --lr, or "
+                           "allow skipped steps with --nan-patience)")
+        return (f"warning: {what}; its update was skipped ({self.in_a_row} of --nan-patience "
+                f"{self.patience} in a row)")
+
+
 def check_resumable(meta: dict, trajectory: dict, steps: int) -> None:
     stored = meta.get("trajectory", {})
     changed = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {trajectory[k]!r}"
@@ -432,8 +524,8 @@ def check_resumable(meta: dict, trajectory: dict, steps: int) -> None:
 
 # ----------------------------------------------------------------------------- training
 
-RUN_ITEMS = ("checkpoints", "metrics.jsonl", "eval.jsonl", "shardings.json", "export",
-             "tensorboard")
+RUN_ITEMS = ("checkpoints", "corrupt-checkpoints", "metrics.jsonl", "eval.jsonl",
+             "shardings.json", "export", "tensorboard")
 
 
 def remove_run(out: Path) -> None:
@@ -454,8 +546,9 @@ def run(s: Setup) -> int:
     from tqdm import tqdm
 
     from cca_jax.llama import LlamaForCausalLM
+    from convert.io import atomic_write_text
     from train import model as model_lib
-    from train.checkpoint import RunDirectory, abstract_with_shardings
+    from train.checkpoint import RunDirectory, abstract_with_shardings, state_bytes
     from train.data import ShuffledBatches
     from train.mesh import make_mesh
     from train.sharding import (logical_axes_of, param_shardings, rules_for, sharding_report,
@@ -469,16 +562,6 @@ def run(s: Setup) -> int:
     run_dir = RunDirectory(s.out, args.keep)
     start_step = 0
     meta = None
-    if args.resume:
-        latest = run_dir.latest_step()
-        if latest is None:
-            print(f"--resume: no checkpoint in {s.out / 'checkpoints'}; starting at step 0",
-                  flush=True)
-            run_dir.truncate_logs(0)
-        else:
-            start_step = latest
-            meta = run_dir.restore_meta(start_step)
-            check_resumable(meta, s.trajectory, args.steps)
 
     mesh = make_mesh(s.mesh_sizes)
     rules, notes = rules_for(config, mesh)
@@ -508,13 +591,22 @@ def run(s: Setup) -> int:
         batch_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes, None))
         eval_sharding = NamedSharding(mesh, PartitionSpec(batch_axes, None))
 
+        abstract_state = {
+            "params": abstract_with_shardings(abstract_params, p_shardings),
+            "opt_state": abstract_with_shardings(abstract_opt, o_shardings),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
+        run_dir.check_free_space(state_bytes(abstract_state), "a checkpoint")
+
         t0 = time.perf_counter()
-        if start_step:
-            abstract_state = {
-                "params": abstract_with_shardings(abstract_params, p_shardings),
-                "opt_state": abstract_with_shardings(abstract_opt, o_shardings),
-                "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
-            state = run_dir.restore(start_step, abstract_state)
+        restored = None
+        if args.resume:
+            restored = restore_newest_valid(run_dir, abstract_state, s.trajectory, args.steps)
+            if restored is None:
+                print(f"--resume: no checkpoint in {run_dir.checkpoints}; starting at step 0",
+                      flush=True)
+                run_dir.truncate_logs(0)
+        if restored is not None:
+            start_step, meta, state = restored
             params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
             print(f"resumed from step {start_step} ({s.out / 'checkpoints' / str(start_step)}), "
                   f"data position {meta['data_position']} sequences, in "
@@ -563,11 +655,14 @@ def run(s: Setup) -> int:
                 writer.add_scalar("eval/perplexity", record["perplexity"], step)
             return record["perplexity"]
 
+        saved = [start_step] if start_step else []
+
         def save(step: int) -> None:
             run_dir.save(step, {"params": params, "opt_state": opt_state, "rng": rng}, {
                 "step": step, "data_position": batches.position(step), "seed": args.seed,
                 "stored_dtype": stored_dtype, "trajectory": s.trajectory,
                 "config": json.loads(config.to_json())})
+            saved.append(step)
 
         writer = _tensorboard_writer(s.out) if jax.process_index() == 0 else None
         before = None
@@ -592,6 +687,7 @@ def run(s: Setup) -> int:
                       "checkpoint (again to stop at once)")
 
         handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        guard = NonFiniteGuard(args.nan_patience)
         try:
             while step < stop_at and not interrupted:
                 batch = step_batch(step)
@@ -604,23 +700,33 @@ def run(s: Setup) -> int:
                 step += 1
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": tokens_per_step / seconds}
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if not finite:
+                    record["skipped"] = True
                 run_dir.log(run_dir.metrics_file, record)
                 if writer is not None:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                         writer.add_scalar(f"train/{key}", record[key], step)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
+                warning = guard.check(step, loss, grad_norm, saved[-1] if saved else None)
+                if warning:
+                    bar.write(warning, file=sys.stderr)
                 if args.save_every and step % args.save_every == 0:
                     save(step)
                 if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                     ppl = evaluate(step)
                     if ppl is not None:
                         bar.write(f"step {step}: held-out perplexity {ppl:.3f}")
+            bar.close()
+            save(step)
+        except BaseException:
+            bar.close()
+            run_dir.finish_pending()   # the checkpoints already under way are good: let them land
+            raise
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        bar.close()
-        save(step)
         if interrupted:
             run_dir.close()
             print(f"interrupted after step {step}; checkpoint saved; continue with "
@@ -635,7 +741,8 @@ def run(s: Setup) -> int:
         after = evaluate(step)
         if jax.process_index() == 0:
             report = {"params": params, "opt_state": opt_state}
-            (s.out / "shardings.json").write_text(json.dumps(sharding_report(report), indent=1))
+            atomic_write_text(s.out / "shardings.json", json.dumps(sharding_report(report),
+                                                                    indent=1))
         run_dir.close()
         if not args.no_export:
             t0 = time.perf_counter()
@@ -666,11 +773,24 @@ def main(argv: list[str] | None = None) -> int:
             ModuleNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from train.checkpoint import LogError, NonFiniteState, write_failure
+
     try:
         return run(setup)
-    except UsageError as err:
+    except (UsageError, LogError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (Diverged, NonFiniteState) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        print(f"error: cannot write the run directory ({reason}); the checkpoints completed "
+              "before are intact: continue with --resume once it can be written",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -34,13 +34,16 @@ def rules_for(config, mesh) -> tuple[tuple[tuple[str, Any], ...], list[str]]:
 
     Tensor parallelism over heads needs whole GQA groups per shard: if the tensor axis does
     not divide both the query and the key/value head counts, heads stay whole (the MLP and
-    vocabulary are still split) and a note says so.
+    vocabulary are still split) and a note says so. The heads names are then mapped to no
+    mesh axis (replicated), not dropped: a name missing from the rules would be taken for a
+    mesh axis of that name by the attention layer's per-shard specs.
     """
     tensor = mesh.shape["tensor"]
     notes = []
     rules = LOGICAL_AXIS_RULES
     if tensor > 1 and (config.num_attention_heads % tensor or config.kv_heads % tensor):
-        rules = tuple(r for r in rules if r[0] not in ("heads", "kv_heads"))
+        rules = tuple((name, None) if name in ("heads", "kv_heads") else (name, target)
+                      for name, target in rules)
         notes.append(f"heads are not split: {config.num_attention_heads} query / "
                      f"{config.kv_heads} key-value heads are not both multiples of the tensor "
                      f"axis ({tensor}); MLP and vocabulary are still split")

@@ -8,7 +8,8 @@
   the backward pass ever holds more than one `[batch, chunk, vocab]` logits block.
 - `make_train_step`: gradient accumulation over micro-batches (`lax.scan`), float32
   gradients of the float32 master weights (the model computes in its `dtype`, e.g. bf16),
-  one optimizer update; returns loss, gradient norm.
+  one optimizer update; returns loss, gradient norm. A step whose loss or gradient norm is
+  not finite leaves the parameters and optimizer state as they were.
 - Both steps are `jax.jit` with explicit in/out shardings; the train step donates the
   parameters and optimizer state.
 """
@@ -109,8 +110,16 @@ def make_train_step(factory: ModelFactory, tx, *, chunk: int, param_shardings,
         count = batch.shape[0] * batch.shape[1] * (batch.shape[2] - 1)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient would poison every weight: such a step changes
+        # nothing (the caller stops, or skips it within --nan-patience).
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+
+        def if_finite(new, old):
+            return jnp.where(finite, new, old)
+        params = jax.tree.map(if_finite, new_params, params)
+        opt_state = jax.tree.map(if_finite, new_opt_state, opt_state)
         return params, opt_state, {"loss": total / count, "grad_norm": grad_norm}
 
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -99,6 +99,42 @@ def test_empty_corpus(tiny, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_non_utf8_or_binary_data_is_an_error_naming_the_file(tiny, tmp_path, capsys):
+    from tests.train.test_units import _bad_data_files
+
+    for name, message in _bad_data_files(tmp_path / "bad").items():
+        bad = tmp_path / "bad" / name
+        err = _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, bad, "--out",
+                              tmp_path / "o", "--seq-len", "32", "--window-size", "8",
+                              "--group-size", "4"],
+                     f"error: --data: {str(bad)!r}", message)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    bad = tmp_path / "bad" / "latin1.txt"
+    _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--eval-data", bad, "--out",
+                    tmp_path / "o", "--seq-len", "32", "--window-size", "8", "--group-size", "4"],
+           f"error: --eval-data: {str(bad)!r} is not UTF-8 text")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_compute(tiny, tmp_path,
+                                                                         capsys):
+    """The tiny model has a vocabulary of 64; a tokenizer with 70 ids gave NaN losses."""
+    import shutil
+
+    from tests.train.tiny import SPECIALS, VOCAB_SIZE, WORDS, write_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny.model, model)
+    extra = tuple(f"w{i}" for i in range(70 - len(SPECIALS) - len(WORDS)))
+    write_tokenizer(model, extra_words=extra)
+    (tmp_path / "doc.txt").write_text(" ".join(tuple(WORDS) + extra) * 20)
+    _fails(capsys, ["--model", model, "--data", tmp_path / "doc.txt", "--out", tmp_path / "o",
+                    "--seq-len", "32", "--window-size", "8", "--group-size", "4"],
+           f"error: the tokenizer of {str(model)!r} has 70 token ids but the model's "
+           f"vocabulary (vocab_size) has {VOCAB_SIZE}: ids 64 to 69 have no embedding row")
+    assert not (tmp_path / "o").exists()
+
+
 def test_seq_len_shorter_than_window_plus_group(tiny, tmp_path, capsys):
     _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--out", tmp_path / "o",
                     "--seq-len", "64", "--window-size", "60", "--group-size", "8"],
@@ -124,6 +160,27 @@ def test_batch_must_split_over_the_mesh(tiny, tmp_path):
     result = run_finetune(tiny.args(tmp_path / "o", "--mesh", "8x1", "--batch-size", "4"))
     assert result.returncode == 2
     assert "must be a multiple of the batch axes of the mesh (8" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "inf", "--lr must be a finite number > 0, got inf"),
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--lr", "-1e-3", "--lr must be a finite number > 0, got -0.001"),
+    ("--weight-decay", "inf", "--weight-decay must be a finite number >= 0, got inf"),
+    ("--weight-decay", "-0.1", "--weight-decay must be a finite number >= 0, got -0.1"),
+    ("--clip", "nan", "--clip must be a finite number >= 0, got nan"),
+    ("--clip", "-inf", "--clip must be a finite number >= 0, got -inf"),
+    ("--rope-theta", "inf", "--rope-theta must be a finite number > 0, got inf"),
+    ("--rope-theta", "0", "--rope-theta must be a finite number > 0, got 0.0"),
+    ("--rope-scaling", "linear:inf", "--rope-scaling factor must be a finite number > 0, got inf"),
+    ("--rope-scaling", "dynamic:-2", "--rope-scaling factor must be a finite number > 0, got -2.0"),
+])
+def test_non_finite_or_negative_numbers_are_refused_before_anything_loads(tmp_path, capsys,
+                                                                         flag, value, message):
+    # The model does not exist: the flag must be refused before anything is read.
+    _fails(capsys, ["--model", tmp_path / "no-model", "--data", tmp_path / "no.txt", "--out",
+                    tmp_path / "o", f"{flag}={value}"], f"error: {message}")
     assert not (tmp_path / "o").exists()
 
 

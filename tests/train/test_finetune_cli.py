@@ -61,6 +61,25 @@ def test_4x2_gives_the_step_1_loss_of_8x1(tiny, run_8x1, tmp_path):
     assert all(r["devices"] == 8 for r in report)
 
 
+def test_1x3_mesh_with_heads_that_do_not_split_3_ways_trains_with_replicated_heads(
+        tiny, run_8x1, tmp_path):
+    """4 query / 2 key-value heads on a tensor axis of 3: the heads stay whole (replicated)
+    with a note, instead of a "Resource axis: kv_heads ... is not found in mesh" error."""
+    out = tmp_path / "1x3"
+    result = run_finetune(tiny.args(out, "--mesh", "1x3", "--steps", "1", "--eval-sequences",
+                                    "0", "--no-export"), devices=3)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "note: heads are not split: 4 query / 2 key-value heads" in result.stdout
+    assert "tensor=3" in result.stdout
+    step1 = read_jsonl(out / "metrics.jsonl")[0]["loss"]
+    reference = read_jsonl(run_8x1[0] / "metrics.jsonl")[0]["loss"]
+    assert abs(step1 - reference) < 1e-4, (step1, reference)
+    report = json.loads((out / "shardings.json").read_text())
+    k_path = "['params']['layers']['0']['self_attn']['k_proj']['kernel']"
+    k = next(r for r in report if r["path"] == k_path)
+    assert k["spec"] == "P(None, None)" and k["devices"] == 3 and k["fully_replicated"]
+
+
 def test_interrupted_run_resumes_with_identical_losses(tiny, run_8x1, tmp_path):
     out = tmp_path / "resumed"
     common = ["--mesh", "8x1", "--steps", "6", "--save-every", "2"]
@@ -88,6 +107,25 @@ def test_interrupted_run_resumes_with_identical_losses(tiny, run_8x1, tmp_path):
     final = read_jsonl(out / "eval.jsonl")
     assert final[0]["step"] == 0 and final[-1]["step"] == 6
     assert abs(final[-1]["loss"] - read_jsonl(run_8x1[0] / "eval.jsonl")[-1]["loss"]) < 1e-5
+
+
+def test_resume_on_another_mesh_verifies_the_same_digests(tiny, run_8x1, tmp_path):
+    """The arrays' fingerprints do not depend on the sharding: checkpoint 4 of the 8x1 run
+    restores on a 4x2 mesh, passes verification, and the run goes on with the same losses."""
+    out = tmp_path / "remesh"
+    shutil.copytree(run_8x1[0], out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "6"]
+    shutil.rmtree(out / "checkpoints" / "6")
+    result = run_finetune(tiny.args(out, "--mesh", "4x2", "--steps", "6", "--save-every", "2",
+                                    "--resume", "--no-export"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from step 4 " in result.stdout and "fsdp=4 x tensor=2" in result.stdout
+    assert "warning" not in result.stderr, result.stderr
+    resumed = read_jsonl(out / "metrics.jsonl")
+    reference = read_jsonl(run_8x1[0] / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for got, want in zip(resumed[4:], reference[4:]):
+        assert abs(got["loss"] - want["loss"]) < 1e-4, (got, want)
 
 
 def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_old_directory(tiny, run_8x1,

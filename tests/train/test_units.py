@@ -71,8 +71,13 @@ def test_heads_stay_whole_when_the_tensor_axis_does_not_divide_them():
     config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                          head_dim=64)
     rules, notes = sharding.rules_for(config, fake_mesh(fsdp=4, tensor=2))
-    assert "heads" not in dict(rules) and "mlp" in dict(rules)
+    # Mapped to no mesh axis, not dropped: a dropped name reads as a mesh axis of that name.
+    assert dict(rules)["heads"] is None and dict(rules)["kv_heads"] is None
+    assert dict(rules)["mlp"] == "tensor"
     assert "9 query / 3 key-value heads" in notes[0]
+    m = fake_mesh(fsdp=4, tensor=2)
+    assert sharding.spec_for(("embed", "heads"), (576, 576), m, rules) == P("fsdp", None)
+    assert sharding.spec_for(("embed", "kv_heads"), (576, 192), m, rules) == P("fsdp", None)
     rules, notes = sharding.rules_for(config, fake_mesh(fsdp=2, tensor=3))
     assert dict(rules)["heads"] == "tensor" and not notes
 
@@ -119,6 +124,25 @@ class WordTokenizer:
 def test_tokenize_stream_puts_eos_after_every_document():
     stream = data.tokenize_stream(["a bb", "ccc"], WordTokenizer(), eos_id=0)
     assert stream.tolist() == [1, 2, 0, 3, 0] and stream.dtype == np.int32
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    data.check_token_ids(np.array([0, 5, 63], np.int32), 64, "training")
+    with pytest.raises(ValueError, match=r"training corpus has 2 token id\(s\) outside the "
+                                         r"model's vocabulary of 64 \(vocab_size\), e.g. 64"):
+        data.check_token_ids(np.array([1, 64, 3, 70], np.int32), 64, "training")
+    with pytest.raises(ValueError, match="held-out corpus has 1 token id.*e.g. -1"):
+        data.check_token_ids(np.array([1, -1], np.int32), 64, "held-out")
+
+
+def test_tokenizer_size_counts_the_largest_id(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    sparse = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1, "far": 100},
+                                        unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=sparse, unk_token="<unk>")
+    assert data.tokenizer_size(tokenizer) == 101
 
 
 def test_packing_overlaps_by_one_token():
@@ -176,6 +200,34 @@ def test_without_datasets_files_are_read_directly_with_the_same_result(tmp_path,
                                                        "third", "fourth"]
     with pytest.raises(ModuleNotFoundError, match="needs the `datasets` package"):
         data.load_texts([tmp_path / "saved"])
+
+
+def _bad_data_files(folder):
+    """{file: what the error must say} for files that cannot be read as their suffix says."""
+    folder.mkdir(exist_ok=True)
+    (folder / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (folder / "binary.jsonl").write_bytes(bytes(range(256)) * 8)
+    (folder / "torn.jsonl").write_text('{"text": "whole"}\n{"text": "tor')
+    (folder / "nul.md").write_bytes(b"looks \x00 like \x00 text")
+    (folder / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    return {"latin1.txt": "is not UTF-8 text (invalid byte 0xe9)",
+            "binary.jsonl": "is not", "torn.jsonl": "is not valid JSON",
+            "nul.md": "looks binary (it contains NUL bytes)",
+            "broken.parquet": "cannot be read (ArrowInvalid"}
+
+
+@pytest.mark.parametrize("with_datasets", [True, False])
+def test_unreadable_data_files_are_value_errors_naming_the_flag_and_file(tmp_path, monkeypatch,
+                                                                          with_datasets):
+    if not with_datasets:
+        monkeypatch.setitem(sys.modules, "datasets", None)
+    for name, message in _bad_data_files(tmp_path).items():
+        with pytest.raises(ValueError) as caught:
+            data.load_texts([tmp_path / name], flag="--eval-data")
+        text = str(caught.value)
+        assert text.startswith(f"--eval-data: {str(tmp_path / name)!r}"), text
+        assert message in text, text
+        assert len(text) < 400, text
 
 
 def test_default_corpus_holds_out_whole_plays():

@@ -13,12 +13,13 @@ SPECIALS = ("<unk>", "</s>")
 VOCAB_SIZE = 64  # >= len(SPECIALS) + len(WORDS); a multiple of 8 so every mesh splits it
 
 
-def write_tokenizer(out: Path) -> int:
-    """Word-level tokenizer files in `out`; returns the EOS id."""
+def write_tokenizer(out: Path, extra_words: tuple[str, ...] = ()) -> int:
+    """Word-level tokenizer files in `out` (`extra_words` after the usual ones, e.g. to make
+    it larger than the model's vocabulary); returns the EOS id."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(WORDS))}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(WORDS) + tuple(extra_words))}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
