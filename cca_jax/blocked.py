@@ -6,6 +6,11 @@ most `chunk + w + g - 1` keys, so each chunk needs memory O(chunk * (L/g + w + c
 Chunks run in a `lax.scan` whose body is rematerialised in the backward pass, so gradients
 take the same memory. This is the fallback wherever no Pallas kernel applies; with no core
 tokens and a window spanning the sequence it is also the memory-lean causal attention.
+
+Non-finite values reach only the rows that see them (as in `cca_jax.reference`): the value
+products run on `finite_or_zero` values, and the rows that see a NaN / Inf value are found
+from the visibility rule (a prefix of core tokens, a contiguous raw range) in O(L) and set to
+NaN.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cca_jax.reference import compute_dtype, pool_core_tokens
+from cca_jax.reference import (compute_dtype, finite_or_zero, mask_nonfinite_values,
+                               nonfinite_rows, pool_core_tokens)
 from cca_kernels.visibility import visible_core_count
 
 DEFAULT_CHUNK_SIZE = 512
@@ -27,6 +33,22 @@ def _einsum(equation, a, b):
     return jnp.einsum(equation, a, b, precision=precision, preferred_element_type=out_type)
 
 
+def _rows_seeing_nonfinite(core_v, v, *, group_size, window_size):
+    """[B, L, H] True where query m sees a non-finite core token (j < c(m)) or raw value
+    (c(m) * g <= n <= m). O(L): the first non-finite core token, the last non-finite raw
+    position at or before each m."""
+    B, C, H, _ = core_v.shape
+    L, Hkv = v.shape[1], v.shape[2]
+    m = jnp.arange(L)
+    visible = visible_core_count(m, group_size, window_size)                    # c(m), [L]
+    first_bad_core = jnp.min(jnp.where(nonfinite_rows(core_v), jnp.arange(C)[:, None], C),
+                             axis=1, initial=C)                                   # [B, H]
+    last_bad_raw = jax.lax.cummax(jnp.where(nonfinite_rows(v), m[:, None], -1), axis=1)
+    seen_core = first_bad_core[:, None, :] < visible[None, :, None]               # [B, L, H]
+    seen_raw = last_bad_raw >= (visible * group_size)[None, :, None]            # [B, L, Hkv]
+    return seen_core | jnp.repeat(seen_raw, H // Hkv, axis=2)
+
+
 def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scale, chunk_size):
     """Shared engine: softmax over [visible core ; raw window] for each query chunk.
 
@@ -37,6 +59,8 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
     r = H // Hkv
     C = core_k.shape[1]
     g, w = group_size, window_size
+    seen_nonfinite = _rows_seeing_nonfinite(core_v, v, group_size=g, window_size=w)
+    core_v, v = finite_or_zero(core_v), finite_or_zero(v)
     Q = max(1, min(chunk_size, L))
     n_chunks = math.ceil(L / Q)
     Lp = n_chunks * Q
@@ -75,7 +99,8 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
         return out.astype(q.dtype)
 
     out = jax.lax.map(jax.checkpoint(one_chunk), (jnp.arange(n_chunks), q_chunks))
-    return out.swapaxes(0, 1).reshape(B, Lp, H, d)[:, :L]
+    out = out.swapaxes(0, 1).reshape(B, Lp, H, d)[:, :L]
+    return mask_nonfinite_values(out, seen_nonfinite)
 
 
 def cca_blocked(q, k, v, *, group_size: int, window_size: int, scale: float,
