@@ -10,10 +10,12 @@ tokens and a window spanning the sequence it is also the memory-lean causal atte
 Non-finite values reach only the rows that see them (as in `cca_jax.reference`): the value
 products run on `finite_or_zero` values, and the rows that see a NaN / Inf value are found
 from the visibility rule (a prefix of core tokens, a contiguous raw range) in O(L) and set to
-NaN.
+NaN. Value products of half-precision inputs keep their cotangent in float32
+(`_weighted_values`), so the backward never rounds a large intermediate to the input dtype.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -31,6 +33,43 @@ def _einsum(equation, a, b):
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     out_type = compute_dtype(jnp.result_type(a, b))
     return jnp.einsum(equation, a, b, precision=precision, preferred_element_type=out_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _weighted_values(equation, probs, values):
+    """`probs` (compute dtype) times half-precision `values`: the probabilities are rounded to
+    the value dtype for the product, as in flash attention; the result is float32.
+
+    The custom backward keeps d(probs) = cotangent x values in float32: autodiff of the plain
+    product would return it in the value dtype, where cotangent x values (~|dout| |v| d)
+    overflows for |v| ~ 1e4 in float16 and the softmax backward turns the Inf into NaN.
+    """
+    return _einsum(equation, probs.astype(values.dtype), values)
+
+
+def _weighted_values_fwd(equation, probs, values):
+    return _weighted_values(equation, probs, values), (probs, values)
+
+
+def _weighted_values_bwd(equation, residuals, cotangent):
+    probs, values = residuals
+    rounded = probs.astype(values.dtype).astype(probs.dtype)  # what the forward multiplied
+    _, vjp = jax.vjp(functools.partial(jnp.einsum, equation,
+                                       preferred_element_type=probs.dtype),
+                     rounded, values.astype(probs.dtype))
+    d_probs, d_values = vjp(cotangent.astype(probs.dtype))
+    return d_probs, d_values.astype(values.dtype)
+
+
+_weighted_values.defvjp(_weighted_values_fwd, _weighted_values_bwd)
+
+
+def _value_product(equation, probs, values):
+    """probs x values accumulated in float32; the custom backward only for narrower values
+    (float32 and wider values take the plain full-precision product)."""
+    if jnp.dtype(values.dtype) == jnp.dtype(probs.dtype):
+        return _einsum(equation, probs, values)
+    return _weighted_values(equation, probs, values)
 
 
 def _rows_seeing_nonfinite(core_v, v, *, group_size, window_size):
@@ -92,10 +131,10 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
         scores = jnp.concatenate([jnp.where(core_mask, core_scores, -jnp.inf),
                                   jnp.where(raw_mask, raw_scores, -jnp.inf)], axis=-1)
         # float32 softmax; probabilities in the value dtype for the value product, as in
-        # flash attention (no change for float32 inputs).
-        probs = jax.nn.softmax(scores.astype(ct), axis=-1).astype(v.dtype)
-        out = (_einsum("bkrqc,bckrd->bqkrd", probs[..., :C], core_v5)
-               + _einsum("bkrqn,bnkd->bqkrd", probs[..., C:], v_raw))
+        # flash attention (no change for float32 inputs), with a float32 backward.
+        probs = jax.nn.softmax(scores.astype(ct), axis=-1)
+        out = (_value_product("bkrqc,bckrd->bqkrd", probs[..., :C], core_v5)
+               + _value_product("bkrqn,bnkd->bqkrd", probs[..., C:], v_raw))
         return out.astype(q.dtype)
 
     out = jax.lax.map(jax.checkpoint(one_chunk), (jnp.arange(n_chunks), q_chunks))

@@ -1,4 +1,5 @@
-"""Numerics at the edges: non-finite inputs reach only the rows that see them."""
+"""Numerics at the edges: non-finite inputs reach only the rows that see them, and half
+precision with large values keeps a finite backward in every implementation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from cca_jax import cca_attention
 from cca_kernels.visibility import visible_core_count
-from tests.conftest import random_qkv
+from tests.conftest import random_qkv, relative_error, value_and_grads
 
 B, L, H, HKV, D, G, W = 1, 24, 4, 2, 16, 4, 8
 IMPLEMENTATIONS = {"reference": {}, "xla": {}, "pallas": {"interpret": True}}
@@ -65,3 +66,26 @@ def test_issue_case_rows_before_the_nan_key_are_finite():
         out = np.asarray(_jitted(implementation)(q, k, v))
         assert np.isfinite(out[:, :3]).all(), implementation
         assert np.isnan(out[:, 3:]).all(), implementation
+
+
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
+def test_float16_large_values_backward_is_finite_and_close_to_float32(implementation):
+    """|v| ~ 1e4 in float16 (B1 L48 H4 Hkv2 d16, g=4, w=8, seed 0): the true gradients fit in
+    float16 (max ~2.7e4 < 65504), but cotangent x values overflowed float16 inside the xla
+    backward and turned dq and dk into NaN."""
+    q, k, v, dout = random_qkv(0, 1, 48, 4, 2, 16)
+    v = v * 1e4
+    options = IMPLEMENTATIONS[implementation]
+
+    def attend(q, k, v):
+        return cca_attention(q, k, v, group_size=4, window_size=8,
+                             implementation=implementation, **options)
+
+    reference = value_and_grads(lambda q, k, v: cca_attention(
+        q, k, v, group_size=4, window_size=8, implementation="reference"), q, k, v, dout)
+    assert max(float(jnp.abs(x).max()) for x in reference) < 65504
+    half = [x.astype(jnp.float16) for x in (q, k, v, dout)]
+    got = value_and_grads(attend, *half)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, reference):
+        assert x.dtype == jnp.float16, name
+        assert relative_error(x.astype(jnp.float32), y) < 2e-2, name
