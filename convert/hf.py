@@ -30,7 +30,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors.nump
 import numpy as np
 
 from cca_jax.llama import DTYPES, SUPPORTED_MODEL_TYPES, LlamaConfig
-from convert.io import atomic_directory
+from convert.io import atomic_directory, normalize_file_modes
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -490,6 +490,7 @@ def write_hf_dir(out_dir: str | os.PathLike, params: Mapping, config: LlamaConfi
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         copy_tokenizer_files(tokenizer_src, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        normalize_file_modes(tmp)   # safetensors' writer leaves its files 0600
     return target
 
 

@@ -59,3 +59,24 @@ def test_cca_with_prompt_inside_window_is_exactly_full_attention(smollm2_dirs,
                             dtype="float32")
     np.testing.assert_array_equal(greedy_generate_uncached(model, prompt_ids, NEW_TOKENS),
                                   expected)
+
+
+def test_every_file_has_the_ordinary_mode(smollm2_hf_dir):
+    """model.safetensors came out 0600 (safetensors writes through a private temporary file)
+    while the other files were 0644."""
+    from convert.io import default_file_mode
+    modes = {p.name: p.stat().st_mode & 0o777 for p in smollm2_hf_dir.iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {default_file_mode()}, modes
+
+
+def test_unwritable_location_fails_before_the_gguf_is_loaded(tmp_path, monkeypatch):
+    import tempfile
+
+    from convert import smollm2
+    monkeypatch.setattr(smollm2, "gguf_location", lambda: pytest.fail("GGUF located"))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    with pytest.raises(PermissionError, match="is not writable.*Read-only file system"):
+        smollm2.materialize_smollm2(tmp_path / "out")
+    assert smollm2.main([str(tmp_path / "out")]) == 1
