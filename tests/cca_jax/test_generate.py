@@ -180,8 +180,10 @@ def test_zero_new_tokens_returns_the_prompt(tiny_models, prompts):
     (dict(top_p=0.0), "top_p"),
     (dict(attention="sparse"), "attention must be one of"),
     (dict(decode_implementation="cuda"), "decode implementation"),
-    (dict(input_ids=np.array([[1, 2, 256]], np.int32)), r"input_ids holds token id 256.*\[0, 256\)"),
-    (dict(input_ids=np.array([[-1, 2, 3]], np.int32)), r"input_ids holds token id -1.*vocab_size=256"),
+    (dict(input_ids=np.array([[1, 2, 256]], np.int32)),
+     r"input_ids holds token id 256.*\[0, 256\)"),
+    (dict(input_ids=np.array([[-1, 2, 3]], np.int32)),
+     r"input_ids holds token id -1.*vocab_size=256"),
 ])
 def test_bad_input_is_a_clear_error(tiny_models, kwargs, match):
     args = dict(model=tiny_models["cca"], input_ids=np.arange(1, 6, dtype=np.int32)[None],
