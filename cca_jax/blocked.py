@@ -142,6 +142,10 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
     return mask_nonfinite_values(out, seen_nonfinite)
 
 
+# Jitted with the settings static: called op by op (an eager `model(ids)`), `lax.map` would
+# trace its body again on every call and compile it anew for every layer.
+@functools.partial(jax.jit, static_argnames=("group_size", "window_size", "scale",
+                                             "chunk_size"))
 def cca_blocked(q, k, v, *, group_size: int, window_size: int, scale: float,
                 chunk_size: int = DEFAULT_CHUNK_SIZE):
     """CCA attention (SPEC.md) in query chunks; same function as `cca_reference`."""
@@ -155,6 +159,7 @@ def cca_blocked(q, k, v, *, group_size: int, window_size: int, scale: float,
                               chunk_size=chunk_size)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size"))
 def causal_blocked(q, k, v, *, scale: float, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Causal attention in query chunks (memory O(chunk * L), never L x L)."""
     B, L, H, d = q.shape
