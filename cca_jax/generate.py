@@ -295,6 +295,7 @@ def greedy_generate_uncached(model, input_ids, max_new_tokens: int, *,
 
     columns = np.arange(L + max_new_tokens)
     tokens = np.where(columns[None, :L] < lengths[:, None], input_ids, 0)
+    check_token_ids(tokens, model.config.vocab_size)   # jitted below: no check inside
     tokens = jnp.asarray(np.pad(tokens, ((0, 0), (0, max_new_tokens))), jnp.int32)
     rows = jnp.arange(B)
     for step in range(max_new_tokens):

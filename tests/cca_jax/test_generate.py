@@ -111,6 +111,9 @@ def test_oracle_batches_prompts_of_different_lengths_exactly(tiny_models, prompt
         assert (row[len(prompt) + 12:] == 0).all()
     with pytest.raises(ValueError, match="prompt_lengths must be 2 ints in"):
         greedy_generate_uncached(model, ids, 3, prompt_lengths=[0, 29])
+    ids[1, 3] = 256   # outside the vocabulary: the jitted oracle would make NaN of it
+    with pytest.raises(ValueError, match=r"input_ids holds token id 256 \(at index \(1, 3\)\)"):
+        greedy_generate_uncached(model, ids, 3, prompt_lengths=[5, 29])
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
