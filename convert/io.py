@@ -102,7 +102,8 @@ def _sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGTERM) is terminate:   # unless the block set its own
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _nearest_existing(path: Path) -> Path:
