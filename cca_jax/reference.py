@@ -8,8 +8,9 @@ dtype if that is wider) with full-precision matrix products; the output has the 
 Non-finite inputs reach only the rows that see them: a masked (query, key) pair is excluded
 with `where`, never multiplied by a zero probability (0 * NaN is NaN), so a NaN or Inf in a
 key, value or core token that a row cannot see leaves that row exactly as it would be with
-any finite number there; a row that sees a non-finite value is NaN
-(`mask_nonfinite_values`). Every implementation follows this rule.
+any finite number there. A row that sees a non-finite value is NaN here and in the blocked
+path (`mask_nonfinite_values`), NaN or Inf in the Pallas kernels (whatever the arithmetic
+gives where no mask is needed); never a finite number.
 """
 from __future__ import annotations
 
