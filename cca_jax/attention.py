@@ -55,8 +55,10 @@ def _check_qkv(q, k, v, scale) -> None:
         raise ValueError(f"q and k must agree in batch and length, got q {q.shape} and k {k.shape}")
     if d != dk:
         raise ValueError(f"q and k must have the same head_dim, got {d} and {dk}")
-    if L < 1 or H < 1 or Hkv < 1:
-        raise ValueError(f"length and head counts must be >= 1, got q {q.shape}, k {k.shape}")
+    if B < 1 or L < 1 or H < 1 or Hkv < 1:
+        raise ValueError(f"batch, length and head counts must be >= 1 (q [batch, length, "
+                         f"heads, head_dim], k and v [batch, length, kv_heads, head_dim]), "
+                         f"got q {q.shape}, k {k.shape}")
     if H % Hkv:
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the number "
                          f"of key/value heads ({Hkv})")
@@ -261,8 +263,17 @@ class CCAAttention(nnx.Module):
                              ("embed", "kv_heads"))
         self.o_proj = linear(num_heads * head_dim, hidden_size, out_bias, ("heads", "embed"))
 
+    def _check_input(self, x) -> None:
+        hidden = self.q_proj.in_features
+        if getattr(x, "ndim", None) != 3 or x.shape[-1] != hidden:
+            raise ValueError(f"x must have shape [batch, length, hidden_size={hidden}], got "
+                             f"shape {getattr(x, 'shape', type(x).__name__)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+
     def project_qkv(self, x, positions=None):
         """q [B, L, H, d], k and v [B, L, Hkv, d], with RoPE applied to q and k."""
+        self._check_input(x)
         B, L, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -273,8 +284,8 @@ class CCAAttention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def __call__(self, x, positions=None):
-        B, L, _ = x.shape
         q, k, v = self.project_qkv(x, positions)
+        B, L, _ = x.shape
         out = attention_per_shard(self._attend, q, k, v)
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
 

@@ -6,15 +6,23 @@ most `chunk + w + g - 1` keys, so each chunk needs memory O(chunk * (L/g + w + c
 Chunks run in a `lax.scan` whose body is rematerialised in the backward pass, so gradients
 take the same memory. This is the fallback wherever no Pallas kernel applies; with no core
 tokens and a window spanning the sequence it is also the memory-lean causal attention.
+
+Non-finite values reach only the rows that see them (as in `cca_jax.reference`): the value
+products run on `finite_or_zero` values, and the rows that see a NaN / Inf value are found
+from the visibility rule (a prefix of core tokens, a contiguous raw range) in O(L) and set to
+NaN. Value products of half-precision inputs keep their cotangent in float32
+(`_weighted_values`), so the backward never rounds a large intermediate to the input dtype.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from cca_jax.reference import compute_dtype, pool_core_tokens
+from cca_jax.reference import (compute_dtype, finite_or_zero, mask_nonfinite_values,
+                               nonfinite_rows, pool_core_tokens)
 from cca_kernels.visibility import visible_core_count
 
 DEFAULT_CHUNK_SIZE = 512
@@ -27,6 +35,59 @@ def _einsum(equation, a, b):
     return jnp.einsum(equation, a, b, precision=precision, preferred_element_type=out_type)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _weighted_values(equation, probs, values):
+    """`probs` (compute dtype) times half-precision `values`: the probabilities are rounded to
+    the value dtype for the product, as in flash attention; the result is float32.
+
+    The custom backward keeps d(probs) = cotangent x values in float32: autodiff of the plain
+    product would return it in the value dtype, where cotangent x values (~|dout| |v| d)
+    overflows for |v| ~ 1e4 in float16 and the softmax backward turns the Inf into NaN.
+    """
+    return _einsum(equation, probs.astype(values.dtype), values)
+
+
+def _weighted_values_fwd(equation, probs, values):
+    return _weighted_values(equation, probs, values), (probs, values)
+
+
+def _weighted_values_bwd(equation, residuals, cotangent):
+    probs, values = residuals
+    rounded = probs.astype(values.dtype).astype(probs.dtype)  # what the forward multiplied
+    _, vjp = jax.vjp(functools.partial(jnp.einsum, equation,
+                                       preferred_element_type=probs.dtype),
+                     rounded, values.astype(probs.dtype))
+    d_probs, d_values = vjp(cotangent.astype(probs.dtype))
+    return d_probs, d_values.astype(values.dtype)
+
+
+_weighted_values.defvjp(_weighted_values_fwd, _weighted_values_bwd)
+
+
+def _value_product(equation, probs, values):
+    """probs x values accumulated in float32; the custom backward only for narrower values
+    (float32 and wider values take the plain full-precision product)."""
+    if jnp.dtype(values.dtype) == jnp.dtype(probs.dtype):
+        return _einsum(equation, probs, values)
+    return _weighted_values(equation, probs, values)
+
+
+def _rows_seeing_nonfinite(core_v, v, *, group_size, window_size):
+    """[B, L, H] True where query m sees a non-finite core token (j < c(m)) or raw value
+    (c(m) * g <= n <= m). O(L): the first non-finite core token, the last non-finite raw
+    position at or before each m."""
+    B, C, H, _ = core_v.shape
+    L, Hkv = v.shape[1], v.shape[2]
+    m = jnp.arange(L)
+    visible = visible_core_count(m, group_size, window_size)                    # c(m), [L]
+    first_bad_core = jnp.min(jnp.where(nonfinite_rows(core_v), jnp.arange(C)[:, None], C),
+                             axis=1, initial=C)                                   # [B, H]
+    last_bad_raw = jax.lax.cummax(jnp.where(nonfinite_rows(v), m[:, None], -1), axis=1)
+    seen_core = first_bad_core[:, None, :] < visible[None, :, None]               # [B, L, H]
+    seen_raw = last_bad_raw >= (visible * group_size)[None, :, None]            # [B, L, Hkv]
+    return seen_core | jnp.repeat(seen_raw, H // Hkv, axis=2)
+
+
 def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scale, chunk_size):
     """Shared engine: softmax over [visible core ; raw window] for each query chunk.
 
@@ -37,6 +98,8 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
     r = H // Hkv
     C = core_k.shape[1]
     g, w = group_size, window_size
+    seen_nonfinite = _rows_seeing_nonfinite(core_v, v, group_size=g, window_size=w)
+    core_v, v = finite_or_zero(core_v), finite_or_zero(v)
     Q = max(1, min(chunk_size, L))
     n_chunks = math.ceil(L / Q)
     Lp = n_chunks * Q
@@ -68,16 +131,21 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
         scores = jnp.concatenate([jnp.where(core_mask, core_scores, -jnp.inf),
                                   jnp.where(raw_mask, raw_scores, -jnp.inf)], axis=-1)
         # float32 softmax; probabilities in the value dtype for the value product, as in
-        # flash attention (no change for float32 inputs).
-        probs = jax.nn.softmax(scores.astype(ct), axis=-1).astype(v.dtype)
-        out = (_einsum("bkrqc,bckrd->bqkrd", probs[..., :C], core_v5)
-               + _einsum("bkrqn,bnkd->bqkrd", probs[..., C:], v_raw))
+        # flash attention (no change for float32 inputs), with a float32 backward.
+        probs = jax.nn.softmax(scores.astype(ct), axis=-1)
+        out = (_value_product("bkrqc,bckrd->bqkrd", probs[..., :C], core_v5)
+               + _value_product("bkrqn,bnkd->bqkrd", probs[..., C:], v_raw))
         return out.astype(q.dtype)
 
     out = jax.lax.map(jax.checkpoint(one_chunk), (jnp.arange(n_chunks), q_chunks))
-    return out.swapaxes(0, 1).reshape(B, Lp, H, d)[:, :L]
+    out = out.swapaxes(0, 1).reshape(B, Lp, H, d)[:, :L]
+    return mask_nonfinite_values(out, seen_nonfinite)
 
 
+# Jitted with the settings static: called op by op (an eager `model(ids)`), `lax.map` would
+# trace its body again on every call and compile it anew for every layer.
+@functools.partial(jax.jit, static_argnames=("group_size", "window_size", "scale",
+                                             "chunk_size"))
 def cca_blocked(q, k, v, *, group_size: int, window_size: int, scale: float,
                 chunk_size: int = DEFAULT_CHUNK_SIZE):
     """CCA attention (SPEC.md) in query chunks; same function as `cca_reference`."""
@@ -91,6 +159,7 @@ def cca_blocked(q, k, v, *, group_size: int, window_size: int, scale: float,
                               chunk_size=chunk_size)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size"))
 def causal_blocked(q, k, v, *, scale: float, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Causal attention in query chunks (memory O(chunk * L), never L x L)."""
     B, L, H, d = q.shape

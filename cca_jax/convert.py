@@ -4,12 +4,17 @@
     python -m cca_jax.convert --to-hf CCA_DIR HF_OUT_DIR [--overwrite]
 
 Only argument parsing and progress messages live here; the mapping is in `convert.hf` and the
-directory format in `convert.checkpoint`. Output directories are written atomically: a failed
-run leaves no OUT_DIR behind. Bad input ends with `error: ...` on stderr and exit code 1.
+directory format in `convert.checkpoint`. Output directories are written atomically
+(`convert.io.atomic_directory`): an error, Ctrl-C or SIGTERM leaves no OUT_DIR and no
+temporary behind and an existing OUT_DIR untouched; after a SIGKILL the next run removes the
+hidden temporary the killed one left. Bad input (including an OUT_DIR that is or contains
+the input, or an existing entry inside it, or that cannot be written) ends with
+`error: ...` on stderr and exit code 1 before any weights are read.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,13 +33,30 @@ def _size(path: Path) -> str:
 
 
 def _require_new_output(out_dir: Path, overwrite: bool, source: Path) -> None:
-    """Refuse an existing OUT_DIR (unless --overwrite) or OUT_DIR == the input, before work."""
-    if out_dir.expanduser().absolute() == source.expanduser().absolute():
+    """Before any work: refuse an OUT_DIR that is or contains the input, or an existing entry
+    inside it (--overwrite would delete the input or part of it), an existing OUT_DIR without
+    --overwrite, and a location that cannot be written. Symbolic links are followed for the
+    comparison."""
+    from convert.io import check_writable, remove_stale_temporaries
+
+    out_real, source_real = out_dir.expanduser().resolve(), source.expanduser().resolve()
+    if out_real == source_real:
         raise ValueError(f"output directory {str(out_dir)!r} is the input directory; choose "
                          "another OUT_DIR")
+    if source_real.is_relative_to(out_real):
+        raise ValueError(f"output directory {str(out_dir)!r} contains the input directory "
+                         f"{str(source)!r}; replacing it would delete the input: choose an "
+                         "OUT_DIR outside the input")
+    if out_real.is_relative_to(source_real) and os.path.lexists(out_dir):
+        # A new folder inside the input only adds to it; an existing entry is part of it.
+        raise ValueError(f"output directory {str(out_dir)!r} already exists inside the input "
+                         f"directory {str(source)!r}; replacing it would delete part of the "
+                         "input: choose a new OUT_DIR or one outside the input")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {str(out_dir)!r} already exists; pass "
                               "--overwrite to replace it")
+    remove_stale_temporaries(out_dir)   # what a killed earlier run left (convert/io.py)
+    check_writable(out_dir)
 
 
 def hf_to_converted(hf_dir: Path, out_dir: Path, *, dtype: str = "auto",
@@ -111,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
             "model.safetensors, sharded safetensors or pytorch_model.bin) into a cca_jax "
             "directory (cca_config.json, orbax params/, tokenizer files), or back with "
             "--to-hf. Load the result with cca_jax.from_pretrained(OUT_DIR). The output "
-            "directory is written atomically: on any error nothing is left behind."),
+            "directory is written atomically: an error, Ctrl-C or SIGTERM leaves no OUT_DIR "
+            "and no temporary folder, and an existing OUT_DIR untouched; after a SIGKILL the "
+            "next run removes the hidden temporary folder the killed run left."),
         epilog=("examples:\n"
                 "  python -m cca_jax.convert ./SmolLM2-hf ./SmolLM2-cca --check\n"
                 "  python -m cca_jax.convert --to-hf ./SmolLM2-cca ./SmolLM2-back"),

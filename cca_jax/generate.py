@@ -37,6 +37,7 @@ from flax import nnx
 
 from cca_jax.cache import (CacheSpec, cache_bytes_for, decode_step, normalize_padding, prefill,
                            resolve_decode_implementation)
+from cca_jax.llama import check_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,7 @@ class CachedGeneration:
             raise ValueError(f"seed must be an int, got {seed!r}")
         config = model.config
         self.ids, self.lengths, self.starts = normalize_padding(input_ids, attention_mask)
+        check_token_ids(self.ids, config.vocab_size)   # padding is zeros here
         B, width = self.ids.shape
         needed = width + max(int(max_new_tokens) - 1, 0)   # the last new token is not cached
         if max_length is None:
@@ -222,7 +224,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
 
     Args:
       model: a `LlamaForCausalLM`.
-      input_ids: [B, L] integer prompt ids (at least one token per row).
+      input_ids: [B, L] integer prompt ids (at least one token per row), each in
+        [0, vocab_size) where attention_mask is 1 (a ValueError names any other).
       max_new_tokens: tokens to generate per sequence (>= 0).
       temperature: 0 for greedy decoding, otherwise sampling from softmax(logits / T).
       top_p: nucleus sampling: keep the most likely tokens up to this total probability.
@@ -292,6 +295,7 @@ def greedy_generate_uncached(model, input_ids, max_new_tokens: int, *,
 
     columns = np.arange(L + max_new_tokens)
     tokens = np.where(columns[None, :L] < lengths[:, None], input_ids, 0)
+    check_token_ids(tokens, model.config.vocab_size)   # jitted below: no check inside
     tokens = jnp.asarray(np.pad(tokens, ((0, 0), (0, max_new_tokens))), jnp.int32)
     rows = jnp.arange(B)
     for step in range(max_new_tokens):
@@ -390,6 +394,61 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_prompt(args) -> str:
+    """The prompt text of --prompt or --prompt-file; ValueError / FileNotFoundError naming the
+    argument when it is not UTF-8 text, not a file, or empty."""
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(f"--prompt-file {str(path)!r} is a directory; expected a "
+                                    "UTF-8 text file")
+        if not path.exists():
+            raise FileNotFoundError(f"--prompt-file {str(path)!r} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--prompt-file {str(path)!r} is not UTF-8 text (byte "
+                             f"0x{err.object[err.start]:02x} at offset {err.start})") from None
+    else:
+        text = args.prompt
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            # Python decodes command-line bytes that are not UTF-8 to lone surrogates.
+            raw = text[err.start].encode("utf-8", "surrogateescape")
+            raise ValueError(f"--prompt is not UTF-8 text (byte 0x{raw[0]:02x} at character "
+                             f"{err.start}); pass UTF-8 text, or --prompt-file FILE") from None
+    if not text.strip():
+        raise ValueError("the prompt is empty")
+    return text
+
+
+def closing_report(stats: GenerationStats, max_length: int, stopped: str = "") -> list[str]:
+    """The closing statistics lines: prefill, decode and cache bytes next to a full cache."""
+    steps = max(stats.new_tokens - 1, 0)
+    if stats.new_tokens == 0:
+        lines = ["prefill: not run (no new tokens requested)", "decode: 0 tokens"]
+    else:
+        lines = [f"prefill: {stats.prompt_tokens} tokens in {stats.prefill_s:.2f} s "
+                 f"({stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tokens/s, first "
+                 f"token included; compile {stats.compile_s:.1f} s not included)"]
+        if steps:
+            lines.append(f"decode: {stats.new_tokens} tokens{stopped}, {steps} decode steps in "
+                         f"{stats.decode_s:.2f} s = {stats.decode_tokens_per_s:.1f} tokens/s")
+        else:
+            lines.append(f"decode: {stats.new_tokens} token{stopped}, from the prefill; no "
+                         "decode step")
+    change = 1 - stats.cache_bytes / stats.full_cache_bytes
+    # At short lengths the CCA cache (a ring of w + g raw slots, pending pooling weights)
+    # can be larger than a full cache of the same length.
+    relation = f"{100 * change:.1f}% less" if change >= 0 else f"{-100 * change:.1f}% more"
+    lines.append(f"cache: {_format_bytes(stats.cache_bytes)} ({stats.cache_bytes} bytes) for "
+                 f"{max_length} positions; a full cache would take "
+                 f"{_format_bytes(stats.full_cache_bytes)} ({stats.full_cache_bytes} bytes): "
+                 f"{relation}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     err = sys.stderr
@@ -405,19 +464,18 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(args.model).expanduser()
         if not model_dir.is_dir():
             raise FileNotFoundError(f"--model {str(model_dir)!r} is not a directory")
-        if args.prompt_file is not None:
-            prompt_path = Path(args.prompt_file).expanduser()
-            if not prompt_path.is_file():
-                raise FileNotFoundError(f"--prompt-file {str(prompt_path)!r} does not exist")
-            text = prompt_path.read_text(encoding="utf-8")
-        else:
-            text = args.prompt
-        if not text.strip():
-            raise ValueError("the prompt is empty")
+        text = _read_prompt(args)
 
-        from cca_jax.loading import from_pretrained, load_tokenizer
+        from cca_jax.loading import from_pretrained, load_tokenizer, read_config
 
         tokenizer = load_tokenizer(args.tokenizer or model_dir)
+        vocab_size = read_config(model_dir).vocab_size
+        if len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"the tokenizer ({args.tokenizer or model_dir}) has {len(tokenizer)} tokens "
+                f"but the model's vocabulary has {vocab_size}: ids {vocab_size} and above "
+                "cannot be embedded; use the tokenizer that belongs to this model "
+                "(--tokenizer DIR)")
         if args.chat:
             prompt_ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
@@ -429,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_ids = np.asarray(prompt_ids, np.int32).reshape(1, -1)
         if prompt_ids.shape[1] == 0:
             raise ValueError("the prompt is empty after tokenisation")
+        check_token_ids(prompt_ids, vocab_size, "the tokenised prompt")
         needed = prompt_ids.shape[1] + max(args.max_new_tokens - 1, 0)
         if args.max_length is not None and prompt_ids.shape[1] > args.max_length:
             raise ValueError(f"the prompt ({prompt_ids.shape[1]} tokens) is longer than the "
@@ -455,11 +514,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     stats = session.stats
-    print(f"prompt: {stats.prompt_tokens} tokens; cache for {session.spec.max_length} "
-          f"positions; compiling prefill and decode step ...", file=err, flush=True)
-    session.compile()
-    print(f"compiled in {stats.compile_s:.1f} s; generating ({jax.default_backend()}, decode "
-          f"attention: {session.implementation})", file=err, flush=True)
+    if args.max_new_tokens:
+        print(f"prompt: {stats.prompt_tokens} tokens; cache for {session.spec.max_length} "
+              f"positions; compiling prefill and decode step ...", file=err, flush=True)
+        session.compile()
+        print(f"compiled in {stats.compile_s:.1f} s; generating ({jax.default_backend()}, "
+              f"decode attention: {session.implementation})", file=err, flush=True)
+    else:
+        print(f"prompt: {stats.prompt_tokens} tokens; --max-new-tokens 0: nothing to "
+              "generate", file=err, flush=True)
     print("-" * 72, file=err, flush=True)
     stream = _TextStream(tokenizer, sys.stdout)
     eos = set() if args.ignore_eos else _eos_ids(tokenizer, model.config)
@@ -472,16 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         stream.add(token)
     stream.finish()
     print("-" * 72, file=err)
-    saved = 1 - stats.cache_bytes / stats.full_cache_bytes
-    print(f"prefill: {stats.prompt_tokens} tokens in {stats.prefill_s:.2f} s "
-          f"({stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tokens/s, first token "
-          f"included; compile {stats.compile_s:.1f} s not included)", file=err)
-    print(f"decode: {stats.new_tokens} tokens{stopped}, {max(stats.new_tokens - 1, 0)} decode "
-          f"steps in {stats.decode_s:.2f} s = {stats.decode_tokens_per_s:.1f} tokens/s", file=err)
-    print(f"cache: {_format_bytes(stats.cache_bytes)} ({stats.cache_bytes} bytes) for "
-          f"{session.spec.max_length} positions; a full cache would take "
-          f"{_format_bytes(stats.full_cache_bytes)} ({stats.full_cache_bytes} bytes): "
-          f"{100 * saved:.1f}% less", file=err, flush=True)
+    print("\n".join(closing_report(stats, session.spec.max_length, stopped)), file=err,
+          flush=True)
     return 0
 
 

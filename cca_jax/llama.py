@@ -9,15 +9,26 @@ plus a transpose. Qwen2-style q/k/v biases are supported through `attention_bias
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`) as
 metadata; `train/sharding.py` maps them to mesh axes. `LlamaConfig.remat` rematerialises each
 decoder layer in the backward pass ("none", "full" or "dots", see `REMAT_POLICIES`).
+
+Token ids must lie in [0, vocab_size). Concrete ids (numpy, or jax arrays outside jit) are
+checked and a ValueError names the first bad id. Traced ids (inside `jax.jit` / `nnx.jit`)
+cannot be checked: there an id >= vocab_size embeds as NaN (the embedding lookup fills
+out-of-range rows with NaN), so the logits of its position and of every later position of
+that sequence are NaN while earlier positions are unaffected, and a negative id counts from
+the end of the vocabulary (-1 is the last token). Check ids before jitting, e.g. with
+`check_token_ids`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cca_jax.attention import (CCA_IMPLEMENTATIONS, CCAAttention, check_attention_kind,
@@ -36,6 +47,40 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids") -> None:
+    """ValueError naming `name`, the bad id and `vocab_size` if a concrete id lies outside
+    [0, vocab_size). Traced ids (under jit) pass unchecked; see the module docstring."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        position = tuple(int(i) for i in np.argwhere(ids == bad)[0])
+        raise ValueError(f"{name} holds token id {bad} (at index {position}), outside the "
+                         f"model's vocabulary: ids must be in [0, {vocab_size}) "
+                         f"(vocab_size={vocab_size}); is the tokenizer the model's own?")
+
+
+def _check_finite_number(name: str, value, *, minimum: float, inclusive: bool) -> None:
+    bound = ">=" if inclusive else ">"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+            value) or not (value >= minimum if inclusive else value > minimum):
+        raise ValueError(f"{name} must be a finite number {bound} {minimum:g}, got {value!r}")
+
+
+def _check_token_id_field(name: str, value) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    if value is None:
+        return
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < 0:
+            raise ValueError(f"{name} must be None, an int >= 0 or a list of them, "
+                             f"got {value!r}")
 
 
 def to_jnp_dtype(name: str, argument: str = "dtype"):
@@ -84,6 +129,17 @@ class LlamaConfig:
                      "num_attention_heads", "group_size", "window_size",
                      "max_position_embeddings"):
             _check_positive_int(name, getattr(self, name))
+        if self.head_dim is not None:
+            _check_positive_int("head_dim", self.head_dim)
+        # RMSNorm divides by sqrt(mean(x^2) + eps): a negative eps makes NaN of small
+        # activations; RoPE's frequencies are theta^(-2i/d).
+        _check_finite_number("rms_norm_eps", self.rms_norm_eps, minimum=0, inclusive=True)
+        _check_finite_number("rope_theta", self.rope_theta, minimum=0, inclusive=False)
+        for name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_token_id_field("bos_token_id", self.bos_token_id)
+        _check_token_id_field("eos_token_id", self.eos_token_id)
         if self.num_key_value_heads is not None:
             _check_positive_int("num_key_value_heads", self.num_key_value_heads)
             if self.num_attention_heads % self.num_key_value_heads:
@@ -216,6 +272,7 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError("input_ids must be an integer array of shape [batch, length], got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)} "
                              f"{getattr(input_ids, 'dtype', '')}")
+        check_token_ids(input_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids)
         policy = self.config.remat
         for layer in self.layers:

@@ -84,6 +84,18 @@ def load_params_into(model: LlamaForCausalLM, params: Mapping) -> LlamaForCausal
     return model
 
 
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """The `LlamaConfig` stored in a converted or Hugging Face directory, without reading any
+    weights (for checks that must come before the slow part)."""
+    from convert import hf
+    from convert.checkpoint import is_converted_dir, read_converted_config
+
+    path = Path(path).expanduser()
+    if is_converted_dir(path):
+        return read_converted_config(path)
+    return hf.llama_config_from_hf(hf.read_hf_config(path))
+
+
 def _read(path: Path) -> tuple[LlamaConfig, Mapping, str]:
     """(config, params, stored param dtype name) of a converted or Hugging Face directory."""
     from convert import hf

@@ -4,6 +4,13 @@ This is the oracle every other implementation is tested against. It builds dense
 `[L, L]` masks, so it is for short sequences only; the blocked XLA path and the Pallas
 kernels compute the same function without them. Computation is in float32 (or the input
 dtype if that is wider) with full-precision matrix products; the output has the input dtype.
+
+Non-finite inputs reach only the rows that see them: a masked (query, key) pair is excluded
+with `where`, never multiplied by a zero probability (0 * NaN is NaN), so a NaN or Inf in a
+key, value or core token that a row cannot see leaves that row exactly as it would be with
+any finite number there. A row that sees a non-finite value is NaN here and in the blocked
+path (`mask_nonfinite_values`), NaN or Inf in the Pallas kernels (whatever the arithmetic
+gives where no mask is needed); never a finite number.
 """
 from __future__ import annotations
 
@@ -43,6 +50,23 @@ def pool_core_tokens(q, k, v, *, group_size: int, scale: float, num_groups: int 
     return core_k.reshape(B, C, H, d), core_v.reshape(B, C, H, d)
 
 
+def finite_or_zero(x):
+    """`x` with every NaN / Inf replaced by 0 (for the value operand of masked products)."""
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def nonfinite_rows(x):
+    """True where the vector on the last axis of `x` holds a NaN or an Inf."""
+    return ~jnp.all(jnp.isfinite(x), axis=-1)
+
+
+def mask_nonfinite_values(out, seen_nonfinite):
+    """`out` [B, L, H, d] with NaN in the rows (`seen_nonfinite` [B, L, H]) that see a
+    non-finite value; the value product itself ran on `finite_or_zero` values, so masked
+    pairs never turned a row NaN."""
+    return jnp.where(seen_nonfinite[..., None], jnp.asarray(jnp.nan, out.dtype), out)
+
+
 def cca_reference(q, k, v, *, group_size: int, window_size: int, scale: float):
     """CCA attention exactly as SPEC.md defines it, with dense masks (small L only)."""
     B, L, H, d = q.shape
@@ -66,9 +90,14 @@ def cca_reference(q, k, v, *, group_size: int, window_size: int, scale: float):
         [jnp.where(core_mask, core_scores, -jnp.inf), jnp.where(raw_mask, raw_scores, -jnp.inf)],
         axis=-1)
     probs = jax.nn.softmax(scores, axis=-1)  # one softmax over [core ; raw]
-    out = (jnp.einsum("bhmj,bjhd->bmhd", probs[..., :C], core_v, precision=_HIGHEST)
-           + jnp.einsum("bhmn,bnhd->bmhd", probs[..., C:], v_rep, precision=_HIGHEST))
-    return out.astype(q.dtype)
+    out = (jnp.einsum("bhmj,bjhd->bmhd", probs[..., :C], finite_or_zero(core_v),
+                      precision=_HIGHEST)
+           + jnp.einsum("bhmn,bnhd->bmhd", probs[..., C:], finite_or_zero(v_rep),
+                        precision=_HIGHEST))
+    # Rows that see a non-finite core token or raw value: [B, H, L] -> [B, L, H].
+    seen = (jnp.any(core_mask & nonfinite_rows(core_v).transpose(0, 2, 1)[:, :, None, :], -1)
+            | jnp.any(raw_mask & nonfinite_rows(v_rep).transpose(0, 2, 1)[:, :, None, :], -1))
+    return mask_nonfinite_values(out, seen.transpose(0, 2, 1)).astype(q.dtype)
 
 
 def causal_reference(q, k, v, *, scale: float):

@@ -74,8 +74,9 @@ def _check_args(q, k, v, core_k, core_v, group_size, window_size, scale):
     if k.shape[:2] != (B, L) or k.shape[3] != d:
         raise ValueError(f"k must be [B, L, Hkv, d] = [{B}, {L}, Hkv, {d}], got {k.shape}")
     Hkv = k.shape[2]
-    if L < 1 or H < 1 or Hkv < 1 or d < 1:
-        raise ValueError(f"empty dimension in q {q.shape} or k {k.shape}")
+    if B < 1 or L < 1 or H < 1 or Hkv < 1 or d < 1:
+        raise ValueError(f"batch, length, heads and head_dim must all be >= 1, got q "
+                         f"{q.shape} and k {k.shape}")
     if H % Hkv:
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of "
                          f"key/value heads ({Hkv})")

@@ -13,6 +13,11 @@ and in the base-2 domain. It writes the output and the base-2 log-sum-exp
 Each loop is split into segments (cca_common.core_blocks / raw_key_blocks): the blocks in
 which every (query, key) pair is visible (core blocks below c(m0); raw blocks inside
 [c(m0 + BM - 1) * g, m0]) run without a mask; only the boundary blocks build one.
+
+Non-finite values reach only the rows that see them (as in `cca_jax.reference`): in a
+boundary block a masked pair has probability 0, and 0 * NaN would still be NaN, so there the
+value rows holding a NaN / Inf enter the product as zeros and the query rows that see one of
+them are remembered and written as NaN. Blocks without a mask are seen whole by every row.
 """
 from __future__ import annotations
 
@@ -30,16 +35,21 @@ from cca_kernels.cca_common import (LOG2E, MASK_VALUE, Static, block_loops, core
 
 def _online_softmax_step(carry, scores, mask, values, exact):
     """One key block of the online softmax; `scores` already scaled to base 2; mask None for
-    a block whose keys are all visible to all rows."""
-    acc, m_prev, l_prev = carry
+    a block whose keys are all visible to all rows. `seen` (float32 0/1 per row) records
+    the rows that see a non-finite value of a masked block."""
+    acc, m_prev, l_prev, seen = carry
     if mask is not None:
         scores = jnp.where(mask, scores, MASK_VALUE)
+        # [block_k]; a float max, since Triton lowers no boolean reduction.
+        bad = jnp.max(jnp.where(jnp.isfinite(values), 0.0, 1.0), axis=1) > 0
+        seen = jnp.maximum(seen, jnp.max(jnp.where(mask & bad[None, :], 1.0, 0.0), axis=1))
+        values = jnp.where(bad[:, None], jnp.zeros((), values.dtype), values)
     m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
     correction = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(scores - m_next[:, None])
     l_next = correction * l_prev + jnp.sum(p, axis=1)
     acc = correction[:, None] * acc + dot(p.astype(values.dtype), values, exact=exact)
-    return acc, m_next, l_next
+    return acc, m_next, l_next, seen
 
 
 def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
@@ -59,6 +69,7 @@ def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
 
     carry = (jnp.zeros((bq, head_dim), jnp.float32),
              jnp.full((bq,), -jnp.inf, jnp.float32),
+             jnp.zeros((bq,), jnp.float32),
              jnp.zeros((bq,), jnp.float32))
 
     if st.has_core:
@@ -84,10 +95,11 @@ def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
             return _online_softmax_step(carry, scores, mask, vr, exact)
         return body
 
-    acc, m_i, l_i = block_loops(raw_key_blocks(m0, bq, bk, g, w), raw_body, carry)
+    acc, m_i, l_i, seen = block_loops(raw_key_blocks(m0, bq, bk, g, w), raw_body, carry)
 
     # Every query (padded ones included) sees at least its own raw key, so l_i >= 1.
-    o_ref[...] = (acc / l_i[:, None]).astype(o_ref.dtype)
+    out = jnp.where(seen[:, None] > 0, jnp.nan, acc / l_i[:, None])
+    o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = m_i + jnp.log(l_i) * LOG2E
 
 

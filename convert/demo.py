@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(textwrap.shorten(prompt, 300, placeholder=" ...") + f"   [{ids.shape[1]} tokens]")
         completions = {}
         for kind, model in models_by_kind.items():
+            # Each completion takes seconds (tens on a CPU): say so before, not only after.
+            print(f"  {kind:>4}: generating {args.max_new_tokens} tokens ...", flush=True)
             start = time.perf_counter()
             out = greedy_generate_uncached(model, ids, args.max_new_tokens)[0, ids.shape[1]:]
             completions[kind] = out

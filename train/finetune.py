@@ -637,6 +637,7 @@ def run(s: Setup) -> int:
             host = batches.batch(step).reshape(args.grad_accum, s.micro_batch, args.seq_len + 1)
             return global_array(host, batch_sharding)
 
+        print("compiling the train step ...", flush=True)
         t0 = time.perf_counter()
         compiled_train = train_step.lower(params, opt_state, step_batch(start_step)).compile()
         print(f"compiled the train step in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -667,6 +668,9 @@ def run(s: Setup) -> int:
         writer = _tensorboard_writer(s.out) if jax.process_index() == 0 else None
         before = None
         if start_step == 0 or not run_dir.read_log(run_dir.eval_file):
+            if s.eval_tokens is not None:
+                print(f"evaluating held-out perplexity at step {start_step} "
+                      f"({len(s.eval_tokens)} sequences) ...", flush=True)
             t0 = time.perf_counter()
             before = evaluate(start_step)
             if before is not None:

@@ -111,6 +111,9 @@ def test_oracle_batches_prompts_of_different_lengths_exactly(tiny_models, prompt
         assert (row[len(prompt) + 12:] == 0).all()
     with pytest.raises(ValueError, match="prompt_lengths must be 2 ints in"):
         greedy_generate_uncached(model, ids, 3, prompt_lengths=[0, 29])
+    ids[1, 3] = 256   # outside the vocabulary: the jitted oracle would make NaN of it
+    with pytest.raises(ValueError, match=r"input_ids holds token id 256 \(at index \(1, 3\)\)"):
+        greedy_generate_uncached(model, ids, 3, prompt_lengths=[5, 29])
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -180,6 +183,10 @@ def test_zero_new_tokens_returns_the_prompt(tiny_models, prompts):
     (dict(top_p=0.0), "top_p"),
     (dict(attention="sparse"), "attention must be one of"),
     (dict(decode_implementation="cuda"), "decode implementation"),
+    (dict(input_ids=np.array([[1, 2, 256]], np.int32)),
+     r"input_ids holds token id 256.*\[0, 256\)"),
+    (dict(input_ids=np.array([[-1, 2, 3]], np.int32)),
+     r"input_ids holds token id -1.*vocab_size=256"),
 ])
 def test_bad_input_is_a_clear_error(tiny_models, kwargs, match):
     args = dict(model=tiny_models["cca"], input_ids=np.arange(1, 6, dtype=np.int32)[None],
@@ -270,6 +277,66 @@ def test_cli_sampling_and_full_attention(tiny_converted_dir, capsys):
         "--ignore-eos"])
     assert code == 0, err
     assert "attention=full" in err and "decode: 5 tokens" in err
+
+
+def test_cli_zero_new_tokens_reports_no_nan(tiny_converted_dir, capsys):
+    code, out, err = _run_cli(capsys, ["--model", str(tiny_converted_dir), "--prompt",
+                                       "Hello there", "--max-new-tokens", "0"])
+    assert code == 0, err
+    assert out == "\n"
+    assert "nan" not in err.lower() and "prefill: not run" in err and "decode: 0 tokens" in err
+
+
+def test_closing_report_wording(tiny_models):
+    """No `nan tokens/s` for one new token (no decode step), and a CCA cache larger than a
+    full one at short lengths (a ring of w + g raw slots) says `% more`, not `-x% less`."""
+    from cca_jax.generate import CachedGeneration, closing_report
+    session = CachedGeneration(tiny_models["cca"], np.arange(1, 6, dtype=np.int32)[None], 1)
+    stats = session.stats
+    assert stats.cache_bytes > stats.full_cache_bytes
+    stats.new_tokens, stats.prefill_s = 1, 0.5
+    prefill, decode, cache = closing_report(stats, session.spec.max_length)
+    assert "nan" not in decode and "no decode step" in decode
+    more = 100 * (stats.cache_bytes / stats.full_cache_bytes - 1)
+    assert cache.endswith(f": {more:.1f}% more") and "-" not in cache.split(":")[-1]
+    long = CachedGeneration(tiny_models["cca"], np.ones((1, 200), np.int32), 1).stats
+    assert closing_report(long, 200)[-1].endswith("% less")
+
+
+@pytest.fixture(scope="module")
+def small_vocab_dir(smollm2_dir, tmp_path_factory):
+    """A random model whose vocabulary (256) is far smaller than its tokenizer's (49152)."""
+    from convert.checkpoint import save_converted
+    config = LlamaConfig(vocab_size=256, num_hidden_layers=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return save_converted(tmp_path_factory.mktemp("small-vocab") / "model", params, config,
+                          tokenizer_src=smollm2_dir)
+
+
+def test_cli_tokenizer_larger_than_the_vocabulary_is_an_error(small_vocab_dir, capsys):
+    code, out, err = _run_cli(capsys, ["--model", str(small_vocab_dir), "--prompt",
+                                       "Hello there", "--max-new-tokens", "4"])
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and "49152 tokens" in err and "vocabulary has 256" in err
+    assert "--tokenizer DIR" in err
+
+
+def test_cli_prompt_that_is_not_utf8_text(tiny_converted_dir, tmp_path, capsys):
+    base = ["--model", str(tiny_converted_dir), "--max-new-tokens", "2"]
+    # What Python makes of the argument bytes b"caf\xff" (surrogateescape).
+    not_utf8 = b"caf\xff".decode("utf-8", "surrogateescape")
+    code, out, err = _run_cli(capsys, base + ["--prompt", not_utf8])
+    assert code == 2 and out == ""
+    assert err.startswith("error: --prompt is not UTF-8 text (byte 0xff at character 3)"), err
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9".encode("latin-1"))
+    code, out, err = _run_cli(capsys, base + ["--prompt-file", str(latin1)])
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: --prompt-file {str(latin1)!r} is not UTF-8 text"), err
+    code, out, err = _run_cli(capsys, base + ["--prompt-file", str(tmp_path)])
+    assert code == 2 and out == ""
+    assert "is a directory; expected a UTF-8 text file" in err and "does not exist" not in err
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -89,3 +89,24 @@ def test_special_tokens_follow_the_gguf_metadata(smollm2_hf_dir, capsys):
     _align_special_tokens(tokenizer, types.SimpleNamespace(bos_token_id=1, eos_token_id=2))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
     assert "declared EOS '<|im_start|>'; using '<|im_end|>' (id 2)" in capsys.readouterr().out
+
+
+def test_every_file_has_the_ordinary_mode(smollm2_hf_dir):
+    """model.safetensors came out 0600 (safetensors writes through a private temporary file)
+    while the other files were 0644."""
+    from convert.io import default_file_mode
+    modes = {p.name: p.stat().st_mode & 0o777 for p in smollm2_hf_dir.iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {default_file_mode()}, modes
+
+
+def test_unwritable_location_fails_before_the_gguf_is_loaded(tmp_path, monkeypatch):
+    import tempfile
+
+    from convert import smollm2
+    monkeypatch.setattr(smollm2, "gguf_location", lambda: pytest.fail("GGUF located"))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    with pytest.raises(PermissionError, match="is not writable.*Read-only file system"):
+        smollm2.materialize_smollm2(tmp_path / "out")
+    assert smollm2.main([str(tmp_path / "out")]) == 1

@@ -30,6 +30,11 @@ def test_8x1_loss_goes_down_and_everything_is_sharded_8_ways(run_8x1):
     assert "step 3: held-out perplexity" in result.stdout
     assert "held-out perplexity: before" in result.stdout
     assert "mesh data=1 x fsdp=8 x tensor=1" in result.stdout
+    # A line before each long wait, not only after it (issue 12, finding 12).
+    for waiting, done in (("compiling the train step ...", "compiled the train step in"),
+                          ("evaluating held-out perplexity at step 0 (8 sequences) ...",
+                           "held-out perplexity at step 0:")):
+        assert result.stdout.index(waiting) < result.stdout.index(done), result.stdout
 
     # Shardings as recorded from the live arrays' .sharding at the end of the run.
     report = json.loads((out / "shardings.json").read_text())
