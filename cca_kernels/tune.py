@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from cca_kernels.bench import median_ms
 from cca_kernels.cca_bwd import cca_backward_dcore, cca_backward_dkv, cca_backward_dq
-from cca_kernels.cca_common import BlockSizes, Static, default_block_sizes
+from cca_kernels.cca_common import Static, default_block_sizes
 from cca_kernels.cca_fwd import cca_forward
 from cca_kernels.visibility import visible_core_count
 

@@ -4,7 +4,6 @@ Run on the device: `python -m pytest -q tests/kernels/test_cca_gpu.py`.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from cca_jax import cca_attention
