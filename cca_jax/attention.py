@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cca_jax import blocked, reference
+from cca_jax.cache import CacheStep, attend_cached
 from cca_jax.rope import RotaryEmbedding, apply_rope, normalize_rope_scaling
 from cca_kernels.cca_attention import cca_attention_pallas
 from cca_kernels.visibility import visible_core_count
@@ -217,6 +218,13 @@ class CCAAttention(nnx.Module):
 
     Call: `layer(x, positions=None)` with x `[B, L, hidden_size]`; positions `[B, L]`
     integers (default 0..L-1). Returns `[B, L, hidden_size]` in `dtype`.
+
+    Cached call (generation): `layer(x, cache=layer_cache, step=step)` appends the chunk x
+    (T tokens per row, at positions `step.start + 0 .. T - 1`) to a layer cache of
+    `cca_jax.cache` and returns `(y, new layer cache)`; `step` is the `CacheStep` that the
+    model builds once per call. The cache's kind (`step.spec.attention`) decides the
+    attention, so one set of weights serves a CCA and a full cache. Training, prefill and
+    decoding share this code.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
@@ -283,11 +291,20 @@ class CCAAttention(nnx.Module):
         cos, sin = self.rope.cos_sin(positions, q.dtype, seq_len=L)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def __call__(self, x, positions=None):
-        q, k, v = self.project_qkv(x, positions)
-        B, L, _ = x.shape
-        out = attention_per_shard(self._attend, q, k, v)
-        return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
+    def __call__(self, x, positions=None, cache=None, step: CacheStep | None = None):
+        B, L = x.shape[:2]
+        if cache is None:
+            if step is not None:
+                raise ValueError("step is given without a cache")
+            q, k, v = self.project_qkv(x, positions)
+            out = attention_per_shard(self._attend, q, k, v)
+            return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
+        if step is None or positions is not None:
+            raise ValueError("a cached call takes step= (a cca_jax.cache.CacheStep) and no "
+                             "positions (they follow from the cache)")
+        q, k, v = self.project_qkv(x, step.positions(L))
+        out, cache = attend_cached(step, cache, q, k, v, implementation=self.implementation)
+        return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim)), cache
 
     def _attend(self, q, k, v):
         if self.attention == "cca":

@@ -54,9 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from cca_jax.attention import ATTENTION_KINDS, causal_attention, cca_attention
 from cca_jax.reference import compute_dtype
-from cca_kernels.decode import decode_attention_pallas, decode_attention_reference
+from cca_kernels.decode import MASK_VALUE, decode_attention_pallas, decode_attention_reference
 from cca_kernels.visibility import raw_window_start, visible_core_count
 
 DECODE_IMPLEMENTATIONS = ("auto", "jnp", "pallas")
@@ -84,6 +83,8 @@ class CacheSpec:
     dtype: str = "float32"
 
     def __post_init__(self):
+        from cca_jax.attention import ATTENTION_KINDS   # (cca_jax.attention imports this module)
+
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got "
                              f"{self.attention!r}")
@@ -408,16 +409,307 @@ def decode_layer(spec: CacheSpec, layer_cache, q, k, v, positions, *,
 
 
 # ---------------------------------------------------------------------------------------
-# Model-level cached forward passes (trace these under jit; see cca_jax.generate).
+# Appending a chunk of tokens (chunked prefill; T = 1 is a decode step).
 
 
-def _prefill_attention(spec: CacheSpec, self_attn, q, k, v):
-    if spec.attention == "cca":
-        return cca_attention(q, k, v, group_size=spec.group_size, window_size=spec.window_size,
-                             implementation=self_attn.implementation)
-    # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
-    implementation = "auto" if self_attn.implementation == "pallas" else self_attn.implementation
-    return causal_attention(q, k, v, implementation=implementation)
+def _einsum32(equation, a, b):
+    """A product accumulated in float32 (full precision for float32 operands)."""
+    precision = _HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.einsum(equation, a, b, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _online_update(state, scores, visible, values, equation):
+    """One block of an online softmax. state (acc [B, Hkv, r, Q, d], max, sum [B, Hkv, r,
+    Q]) float32; scores [B, Hkv, r, Q, n] float32, visible broadcastable to it; values
+    multiplied in by `equation` (probabilities cast to the values' dtype)."""
+    acc, m, l = state
+    scores = jnp.where(visible, scores, MASK_VALUE)
+    m_new = jnp.maximum(m, scores.max(axis=-1))
+    p = jnp.exp(scores - m_new[..., None])
+    correction = jnp.exp(m - m_new)
+    l = l * correction + p.sum(axis=-1)
+    acc = acc * correction[..., None] + _einsum32(equation, p.astype(values.dtype), values)
+    return acc, m_new, l
+
+
+def _block_slice(array, block: int, index, limit: int):
+    """array[:, s : s + block] along axis 1 with s = min(index * block, limit - block) (never
+    past the end) and the position of its first row, s."""
+    start = jnp.minimum(index * block, limit - block)
+    return jax.lax.dynamic_slice_in_dim(array, start, block, axis=1), start
+
+
+def _chunk_attention(q, positions, *, keys, values, key_mask, n_keys, block_k, core=None):
+    """Attention of a block of queries q [B, Q, H, d] at `positions` [B, Q] over keys [B, N,
+    Hkv, d] (and optionally core tokens), one softmax, blocked over the keys so that no [Q, N]
+    array exists. key_mask(key_positions [Kb]) -> visible [B, Q, Kb] for keys; n_keys: a
+    traced int, how many leading keys can be visible (the loop stops there). core: None or
+    (core_k, core_v [B, C, H, d], counts [B, Q] visible core tokens per query, n_core).
+    Returns [B, Q, H, d] in q.dtype."""
+    B, Q, H, d = q.shape
+    N, Hkv = keys.shape[1], keys.shape[2]
+    r = H // Hkv
+    q5 = q.reshape(B, Q, Hkv, r, d)
+    scale = 1.0 / math.sqrt(d)
+    state = (jnp.zeros((B, Hkv, r, Q, d), jnp.float32),
+             jnp.full((B, Hkv, r, Q), -jnp.inf, jnp.float32),
+             jnp.zeros((B, Hkv, r, Q), jnp.float32))
+    if core is not None:
+        core_k, core_v, counts, n_core = core
+        C = core_k.shape[1]
+        bc = min(block_k, C)
+        ck5, cv5 = (x.reshape(B, C, Hkv, r, d) for x in (core_k, core_v))
+
+        def core_block(j, state):
+            kb, start = _block_slice(ck5, bc, j, C)
+            vb, _ = _block_slice(cv5, bc, j, C)
+            slots = start + jnp.arange(bc, dtype=jnp.int32)
+            # A clamped last block overlaps the one before it: count each slot once.
+            visible = (slots[None, None, :] < counts[:, :, None]) & (slots >= j * bc)
+            scores = _einsum32("bqkrd,bnkrd->bkrqn", q5, kb) * scale
+            return _online_update(state, scores, visible[:, None, None], vb,
+                                  "bkrqn,bnkrd->bkrqd")
+
+        state = jax.lax.fori_loop(0, -(-n_core // bc), core_block, state)
+
+    bk = min(block_k, N)
+
+    def key_block(j, state):
+        kb, start = _block_slice(keys, bk, j, N)
+        vb, _ = _block_slice(values, bk, j, N)
+        slots = start + jnp.arange(bk, dtype=jnp.int32)
+        visible = key_mask(slots) & (slots >= j * bk)[None, None, :]
+        scores = _einsum32("bqkrd,bnkd->bkrqn", q5, kb) * scale
+        return _online_update(state, scores, visible[:, None, None], vb, "bkrqn,bnkd->bkrqd")
+
+    acc, _, l = jax.lax.fori_loop(0, -(-n_keys // bk), key_block, state)
+    out = acc / l[..., None]                       # every query sees at least itself
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, Q, H, d).astype(q.dtype)
+
+
+def _scatter_rows(array, index, values):
+    """array[b, index[b, i]] = values[b, i]; indices out of range are dropped."""
+    rows = jnp.arange(array.shape[0])[:, None]
+    return array.at[rows, index].set(values.astype(array.dtype), mode="drop")
+
+
+def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q: int = 256,
+                 block_k: int = 512):
+    """Append a chunk of T tokens per sequence to a layer cache and attend with their queries.
+
+    q [B, T, H, d] (after RoPE), k, v [B, T, Hkv, d]: the chunk's columns i = 0 .. T - 1 are
+    positions start[b] + i of row b; only the first count[b] (0 <= count <= T) are real
+    tokens: the rest are padding, never stored and never seen by a real query. Returns
+    (attention output [B, T, H, d] in q.dtype, rows' padding columns unspecified; the new
+    layer cache). Computes exactly what `prefill_layer` followed by decode steps computes
+    (SPEC sections 2 and 5), blocked: the queries in blocks of `block_q`, the keys of each
+    block in blocks of `block_k` with an online softmax, so no [T, T] or [T, L] array exists.
+    """
+    B, T, H, d = q.shape
+    dtype = jnp.dtype(spec.dtype)
+    start = start.astype(jnp.int32)
+    count = count.astype(jnp.int32)
+    column = jnp.arange(T, dtype=jnp.int32)
+    positions = start[:, None] + column[None, :]                    # [B, T]
+    real = column[None, :] < count[:, None]
+    bq = min(block_q, T)
+    n_blocks = -(-T // bq)
+    Tp = n_blocks * bq
+
+    def pad_t(x):
+        return x if Tp == T else jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
+
+    if spec.attention == "full":
+        M = spec.max_length
+        index = jnp.where(real, positions, M)
+        cache_k = _scatter_rows(layer_cache.k, index, k)
+        cache_v = _scatter_rows(layer_cache.v, index, v)
+        qp, pos_p = pad_t(q), pad_t(positions)
+
+        def query_block(i):
+            qb = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
+            pb = jax.lax.dynamic_slice_in_dim(pos_p, i * bq, bq, axis=1)
+            return _chunk_attention(
+                qb, pb, keys=cache_k, values=cache_v,
+                key_mask=lambda n: n[None, None, :] <= pb[:, :, None],
+                n_keys=jnp.minimum(pb.max() + 1, M), block_k=block_k)
+
+        out = jax.lax.map(query_block, jnp.arange(n_blocks))
+        out = out.transpose(1, 0, 2, 3, 4).reshape(B, Tp, H, d)[:, :T]
+        return out, FullLayerCache(k=cache_k, v=cache_v)
+
+    g, w = spec.group_size, spec.window_size
+    C, R, P = spec.core_capacity, spec.raw_capacity, spec.pending_capacity
+    scale = 1.0 / math.sqrt(d)
+    end = start + count
+    # The chunk's keys/values behind the ring's: positions start - R .. start + T - 1 (the
+    # ring holds every position a query of the chunk can see raw, and every group that
+    # becomes visible during the chunk).
+    previous = ((start[:, None] - R + jnp.arange(R, dtype=jnp.int32)[None, :]) % R)
+    ext_k = jnp.concatenate([jnp.take_along_axis(layer_cache.raw_k, previous[:, :, None, None],
+                                                 axis=1), k.astype(dtype)], axis=1)
+    ext_v = jnp.concatenate([jnp.take_along_axis(layer_cache.raw_v, previous[:, :, None, None],
+                                                 axis=1), v.astype(dtype)], axis=1)
+    E = R + T
+
+    def ext_group(first):
+        """Keys/values [B, J, g, Hkv, d] of the groups whose first position is first [B, J]."""
+        index = first - start[:, None] + R                     # ext column of that position
+        take = jnp.clip(index[:, :, None] + jnp.arange(g)[None, None, :], 0, E - 1)
+        take = take.reshape(B, -1)[:, :, None, None]
+        shape = (B, first.shape[1], g) + ext_k.shape[2:]
+        return (jnp.take_along_axis(ext_k, take, axis=1).reshape(shape),
+                jnp.take_along_axis(ext_v, take, axis=1).reshape(shape))
+
+    core_k, core_v = layer_cache.core_k, layer_cache.core_v
+    pool_weights = layer_cache.pool_weights
+    if P:
+        # Groups that close inside the chunk (at most ceil(T / g)): their last query weighs them.
+        K = -(-T // g)
+        first_close = (g - 1 - start) % g                      # column of the first closing
+        close_col = first_close[:, None] + g * jnp.arange(K, dtype=jnp.int32)[None, :]
+        closes = close_col < count[:, None]
+        closed_group = (start[:, None] + close_col + 1) // g - 1         # [B, K]
+        q_close = jnp.take_along_axis(q, jnp.clip(close_col, 0, T - 1)[:, :, None, None],
+                                      axis=1)
+        k_group, _ = ext_group(closed_group * g)
+        close_weights = _group_weights(q_close, k_group, scale).astype(jnp.float32)
+    if C:
+        # Groups that become visible during the chunk: c(start - 1) <= j < c(end - 1).
+        visible_before = visible_core_count(start - 1, g, w)
+        visible_after = visible_core_count(end - 1, g, w)
+        J = T // g + 1
+        group = visible_before[:, None] + jnp.arange(J, dtype=jnp.int32)[None, :]
+        new = group < visible_after[:, None]
+        closed_before = (group + 1) * g - 1 < start[:, None]
+        kept = jnp.take_along_axis(pool_weights, (group % P)[:, :, None, None], axis=1)
+        in_chunk = jnp.clip(((group + 1) * g - 1 - start[:, None] - first_close[:, None]) // g,
+                            0, K - 1)
+        fresh = jnp.take_along_axis(close_weights, in_chunk[:, :, None, None], axis=1)
+        weights = jnp.where(closed_before[:, :, None, None], kept, fresh)
+        k_group, v_group = ext_group(group * g)
+        ck, cv = _pool(weights, k_group, v_group, dtype)
+        slot = jnp.where(new, group, C)
+        core_k = _scatter_rows(core_k, slot, ck)
+        core_v = _scatter_rows(core_v, slot, cv)
+    if P:
+        # Keep the weights of the groups still waiting to become visible after the chunk
+        # (at most ceil(w / g) of them, so their slots j % P are distinct).
+        still_pending = closes & (closed_group >= visible_core_count(end - 1, g, w)[:, None])
+        pool_weights = _scatter_rows(pool_weights,
+                                     jnp.where(still_pending, closed_group % P, P),
+                                     close_weights)
+    # The ring keeps the last R real positions: slot n % R.
+    ring = jnp.where(real & (column[None, :] >= count[:, None] - R), positions % R, R)
+    raw_k = _scatter_rows(layer_cache.raw_k, ring, k)
+    raw_v = _scatter_rows(layer_cache.raw_v, ring, v)
+
+    ext_kp, ext_vp = pad_t(ext_k), pad_t(ext_v)      # E + Tp - T columns
+    qp, pos_p = pad_t(q), pad_t(positions)
+    window = min(bq + R, E)
+
+    def query_block(i):
+        qb = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
+        pb = jax.lax.dynamic_slice_in_dim(pos_p, i * bq, bq, axis=1)
+        # Raw keys a query at column c can see lie in ext columns [c + 1, c + R] (c + R is
+        # its own position): the block's queries need the `window` columns from i * bq.
+        first = i * bq
+        kb = jax.lax.dynamic_slice_in_dim(ext_kp, first, window, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(ext_vp, first, window, axis=1)
+        counts = visible_core_count(pb, g, w)
+        lowest = counts * g                                  # first visible raw position
+
+        def key_mask(n):
+            key_position = start[:, None, None] - R + first + n[None, None, :]
+            return (key_position >= lowest[:, :, None]) & (key_position <= pb[:, :, None])
+
+        core = None
+        if C:
+            core = (core_k, core_v, counts, jnp.minimum(counts.max(), C))
+        return _chunk_attention(qb, pb, keys=kb, values=vb, key_mask=key_mask, n_keys=window,
+                                block_k=block_k, core=core)
+
+    out = jax.lax.map(query_block, jnp.arange(n_blocks))
+    out = out.transpose(1, 0, 2, 3, 4).reshape(B, Tp, H, d)[:, :T]
+    return out, CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v,
+                              pool_weights=pool_weights)
+
+
+# ---------------------------------------------------------------------------------------
+# One cached forward call of the model: what its layers share, and the attention step.
+
+
+@struct.dataclass
+class CacheStep:
+    """What every layer of one cached forward call shares (built by the model's __call__).
+
+    start [B] int32: tokens each row had cached before the call (the chunk's first position);
+    count [B] int32: real tokens of the chunk per row (the rest of its T columns is padding).
+    Static: `empty` (nothing is cached yet: every start is 0, and the chunk is attended alone
+    with the one-shot kernels), `all_real` (count == T for every row, so T == 1 is a decode
+    step), the decode attention implementation ("jnp" or "pallas") and `interpret`.
+    """
+
+    start: jax.Array
+    count: jax.Array
+    spec: CacheSpec = struct.field(pytree_node=False)
+    empty: bool = struct.field(pytree_node=False, default=False)
+    all_real: bool = struct.field(pytree_node=False, default=True)
+    decode_implementation: str = struct.field(pytree_node=False, default="jnp")
+    interpret: bool = struct.field(pytree_node=False, default=False)
+
+    def positions(self, length: int):
+        """[B, length] positions of the chunk's columns."""
+        return self.start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+
+
+def attend_cached(step: CacheStep, layer_cache, q, k, v, *, implementation: str = "auto",
+                  scale: float | None = None):
+    """Attention of a chunk (q [B, T, H, d] after RoPE, k, v [B, T, Hkv, d]) that is appended
+    to `layer_cache`. Returns (out [B, T, H, d], new layer cache).
+
+    Three routes to the same function: an empty cache (the first prompt chunk) runs the
+    one-shot attention (`cca_attention` / `causal_attention`, Pallas or cuDNN on a GPU) and
+    builds the cache with `prefill_layer`; one real token per row is a decode step
+    (`decode_layer`, the split-K kernel on a GPU); anything else is `append_layer`.
+    """
+    from cca_jax.attention import causal_attention, cca_attention
+
+    spec = step.spec
+    if scale is not None and not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
+        raise ValueError("cached attention uses the default scale 1/sqrt(head_dim)")
+    T = q.shape[1]
+    if step.empty:
+        new_cache = prefill_layer(spec, q, k, v, step.count)
+        if spec.attention == "cca":
+            out = cca_attention(q, k, v, group_size=spec.group_size,
+                                window_size=spec.window_size, implementation=implementation)
+        else:
+            # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
+            impl = "auto" if implementation == "pallas" else implementation
+            out = causal_attention(q, k, v, implementation=impl)
+        return out, new_cache
+    if T == 1 and step.all_real:
+        out, new_cache = decode_layer(spec, layer_cache, q[:, 0], k[:, 0], v[:, 0], step.start,
+                                      implementation=step.decode_implementation,
+                                      interpret=step.interpret)
+        return out[:, None], new_cache
+    block_q, block_k = append_blocks(q.shape[0], q.shape[2], T)
+    return append_layer(spec, layer_cache, q, k, v, step.start, step.count, block_q=block_q,
+                        block_k=block_k)
+
+
+def append_blocks(batch: int, heads: int, length: int) -> tuple[int, int]:
+    """Block sizes of `append_layer` (queries, keys): on a GPU as large as keeps one block's
+    float32 scores (batch x heads x block_q x block_k) near 2**26 values (256 MB), so that a
+    chunk takes few, large products; elsewhere 256 x 512."""
+    if jax.default_backend() != "gpu":
+        return 256, 512
+    budget = 2 ** 26 // max(batch * heads, 1)
+    block_q = 1 << max(4, min(10, (budget.bit_length() - 1) // 2))
+    block_q = min(block_q, length)
+    block_k = 1 << max(4, min(12, (budget // max(block_q, 1)).bit_length() - 1))
+    return block_q, block_k
 
 
 def check_model_matches(model, spec: CacheSpec) -> None:
@@ -428,13 +720,17 @@ def check_model_matches(model, spec: CacheSpec) -> None:
         raise ValueError(f"the cache ({spec}) does not fit the model (it needs {expected})")
 
 
-def prefill(model, spec: CacheSpec, input_ids, lengths):
-    """Run the prompts through the model and build the cache they leave.
+# ---------------------------------------------------------------------------------------
+# Drivers over the model's own cached forward pass (`LlamaForCausalLM.__call__(ids,
+# cache=...)`); both trace under jit.
 
-    input_ids [B, L] right-aligned prompts (see `normalize_padding`), lengths [B] >= 1, L <=
-    spec.max_length. Returns (float32 logits [B, vocab] of each sequence's last prompt token,
-    the filled `DecodeCache`). Every cache array is written here (nothing to donate).
-    """
+
+def prefill(model, spec: CacheSpec, input_ids, lengths, *, chunk_size: int | None = None):
+    """Run right-aligned prompts (input_ids [B, L], lengths [B] >= 1; see `normalize_padding`)
+    through the model in chunks of `chunk_size` columns (None: one chunk), appending each to
+    a new cache. Returns (float32 logits [B, vocab] of each row's last prompt token, the
+    cache). Peak activation memory follows the chunk, not L. The chunks are a Python loop:
+    under jit each one is traced (`cca_jax.generate` jits one chunk instead)."""
     check_model_matches(model, spec)
     B, L = input_ids.shape
     if B != spec.batch_size:
@@ -442,20 +738,19 @@ def prefill(model, spec: CacheSpec, input_ids, lengths):
     if L > spec.max_length:
         raise ValueError(f"the prompt ({L} tokens) is longer than the cache "
                          f"(max_length={spec.max_length})")
-    positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    lengths = lengths.astype(jnp.int32)
-    x = model.embed_tokens(input_ids)
-    layers = []
-    for layer in model.layers:
-        attn = layer.self_attn
-        q, k, v = attn.project_qkv(layer.input_layernorm(x), positions)
-        layers.append(prefill_layer(spec, q, k, v, lengths))
-        out = _prefill_attention(spec, attn, q, k, v)
-        x = x + attn.o_proj(out.reshape(B, L, attn.num_heads * attn.head_dim))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    last = _rows_get(x, lengths - 1)                     # [B, hidden]
-    logits = model.logits(model.norm(last))
-    return logits, DecodeCache(layers=tuple(layers), lengths=lengths, spec=spec)
+    chunk = L if chunk_size is None else int(chunk_size)
+    _check_int("chunk_size", chunk)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    cache = init_cache(spec)
+    logits = None
+    for first in range(0, L, chunk):
+        ids = input_ids[:, first:first + chunk]
+        counts = jnp.clip(lengths - first, 0, ids.shape[1])
+        chunk_logits, cache = model(ids, cache=cache, counts=counts, cache_empty=first == 0)
+        ends_here = (counts > 0) & (lengths <= first + ids.shape[1])
+        logits = chunk_logits if logits is None else jnp.where(ends_here[:, None],
+                                                               chunk_logits, logits)
+    return logits, cache
 
 
 def decode_step(model, cache: DecodeCache, tokens, *, implementation: str = "jnp",
@@ -463,20 +758,7 @@ def decode_step(model, cache: DecodeCache, tokens, *, implementation: str = "jnp
     """Append one token per sequence (tokens [B] ints) at positions `cache.lengths`.
 
     Returns (float32 logits [B, vocab] predicting the next token, updated cache). The caller
-    keeps lengths < max_length (inside jit nothing can be checked).
-    """
-    spec = cache.spec
-    B = spec.batch_size
-    positions = cache.lengths
-    x = model.embed_tokens(tokens.reshape(B, 1).astype(jnp.int32))
-    layers = []
-    for layer, layer_cache in zip(model.layers, cache.layers):
-        attn = layer.self_attn
-        q, k, v = attn.project_qkv(layer.input_layernorm(x), positions[:, None])
-        out, layer_cache = decode_layer(spec, layer_cache, q[:, 0], k[:, 0], v[:, 0], positions,
-                                        implementation=implementation, interpret=interpret)
-        layers.append(layer_cache)
-        x = x + attn.o_proj(out.reshape(B, 1, attn.num_heads * attn.head_dim))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    logits = model.logits(model.norm(x[:, 0]))
-    return logits, DecodeCache(layers=tuple(layers), lengths=positions + 1, spec=spec)
+    keeps lengths < max_length (inside jit nothing can be checked)."""
+    B = cache.spec.batch_size
+    return model(tokens.reshape(B, 1).astype(jnp.int32), cache=cache,
+                 decode_implementation=implementation, interpret=interpret)

@@ -2,11 +2,15 @@
 uncached greedy oracle.
 
 `generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
-attention=None)` prefills a `cca_jax.cache.DecodeCache` (the compressed CCA cache of SPEC
-section 5, or a full cache with attention="full") from the prompt in one jitted pass, then
-appends one token per jitted decode step. Shapes are static (the cache is preallocated), so
-each of the two functions compiles once per (batch, prompt width, cache length). Batches of
-prompts of different lengths come with an `attention_mask` (left or right padding).
+attention=None)` fills a `cca_jax.cache.DecodeCache` (the compressed CCA cache of SPEC
+section 5, or a full cache with attention="full") with the prompt, chunk by chunk
+(`prefill_chunk` columns per jitted call, so that activations follow the chunk and not the
+prompt), then decodes on the device, `decode_chunk` tokens per jitted call (a
+`lax.while_loop` with sampling and end-of-sequence stopping inside; the cache is donated
+and updated in place). Every call runs the model's own forward pass with the cache threaded
+through its layers. Shapes are static (the cache is preallocated), so each function compiles
+once per (batch, chunk width, cache length). Batches of prompts of different lengths come
+with an `attention_mask` (left or right padding).
 
 `greedy_generate_uncached` is jitted once for the final length (positions after the current
 one are padding that causal and CCA attention never look at), so it costs one full forward
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cca_jax.cache import (CacheSpec, cache_bytes_for, decode_step, normalize_padding, prefill,
+from cca_jax.cache import (CacheSpec, cache_bytes_for, init_cache, normalize_padding,
                            resolve_decode_implementation)
 from cca_jax.llama import check_token_ids
 
@@ -83,21 +87,63 @@ def sample_next_token(logits, key, temperature, top_p):
     return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def _prefill_jit(graphdef, state, input_ids, lengths, key, temperature, top_p, *, spec):
-    logits, cache = prefill(nnx.merge(graphdef, state), spec, input_ids, lengths)
-    token = sample_next_token(logits, jax.random.fold_in(key, 0), temperature, top_p)
-    return token, logits, cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "implementation", "interpret"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "empty"),
                    donate_argnames=("cache",))
-def _decode_jit(graphdef, state, cache, tokens, key, step, temperature, top_p, *,
-                implementation, interpret):
-    logits, cache = decode_step(nnx.merge(graphdef, state), cache, tokens,
-                                implementation=implementation, interpret=interpret)
-    token = sample_next_token(logits, jax.random.fold_in(key, step), temperature, top_p)
-    return token, logits, cache
+def _prefill_chunk_jit(graphdef, state, cache, logits, ids, lengths, first, *, spec, empty):
+    """One prompt chunk (ids [B, T], the columns first .. first + T - 1 of the prompts)
+    appended to the cache; logits [B, vocab] keeps each row's last prompt token's logits."""
+    model = nnx.merge(graphdef, state)
+    T = ids.shape[1]
+    counts = jnp.clip(lengths - first, 0, T)
+    if empty:
+        cache = init_cache(spec)
+    chunk_logits, cache = model(ids, cache=cache, counts=counts, cache_empty=empty)
+    ends_here = (counts > 0) & (lengths <= first + T)
+    if logits is None:
+        return chunk_logits, cache
+    return jnp.where(ends_here[:, None], chunk_logits, logits), cache
+
+
+@jax.jit
+def _first_token_jit(logits, key, temperature, top_p):
+    return sample_next_token(logits, jax.random.fold_in(key, 0), temperature, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "implementation", "interpret",
+                                             "keep_logits"),
+                   donate_argnames=("cache",))
+def _decode_chunk_jit(graphdef, state, cache, tokens, done, key, generated, n, temperature,
+                      top_p, eos, pad, *, steps, implementation, interpret, keep_logits):
+    """Up to n (<= steps) decode steps on the device, without returning to the host: each
+    appends the last tokens [B], samples the next ones and marks rows that produced an
+    end-of-sequence id (in eos) as done; done rows produce `pad`. Stops early when every row
+    is done. Returns (tokens [B, steps], steps taken, cache, last tokens, done, logits)."""
+    model = nnx.merge(graphdef, state)
+    B = tokens.shape[0]
+    out = jnp.full((B, steps), pad, jnp.int32)
+    kept = (jnp.zeros((B, steps, model.config.vocab_size), jnp.float32) if keep_logits
+            else jnp.zeros((), jnp.float32))
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, tokens, done, out, kept = carry
+        logits, cache = model(tokens[:, None], cache=cache,
+                              decode_implementation=implementation, interpret=interpret)
+        following = sample_next_token(logits, jax.random.fold_in(key, generated + i),
+                                      temperature, top_p)
+        following = jnp.where(done, pad, following)
+        out = jax.lax.dynamic_update_index_in_dim(out, following, i, axis=1)
+        if keep_logits:
+            kept = jax.lax.dynamic_update_index_in_dim(kept, logits, i, axis=1)
+        done = done | jnp.any(following[:, None] == eos[None, :], axis=1)
+        return i + 1, cache, following, done, out, kept
+
+    i, cache, tokens, done, out, kept = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), cache, tokens, done, out, kept))
+    return out, i, cache, tokens, done, kept
 
 
 def _check_max_new_tokens(max_new_tokens) -> None:
@@ -110,32 +156,63 @@ def _check_max_new_tokens(max_new_tokens) -> None:
 class GenerationStats:
     prompt_tokens: int = 0          # longest prompt in the batch
     new_tokens: int = 0             # tokens generated per sequence so far
-    compile_s: float = 0.0          # compiling prefill + decode step (not in the timings)
+    compile_s: float = 0.0          # compiling prefill + decode (not in the timings)
     prefill_s: float = 0.0          # prefill, first token included
-    decode_s: float = 0.0           # all decode steps (each: call to token on the host)
+    prefill_chunks: int = 0         # prompt chunks the prefill ran
+    decode_s: float = 0.0           # decoding: from each chunk's call to its tokens on the host
+    decode_calls: int = 0           # device calls the decoding took (each many tokens)
     cache_bytes: int = 0            # read from the cache's arrays
     full_cache_bytes: int = 0       # what a full cache of the same length would allocate
 
     @property
     def decode_tokens_per_s(self) -> float:
+        """Decode steps per second per sequence (the first token comes from the prefill)."""
         steps = max(self.new_tokens - 1, 0)
         return steps / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
 class CachedGeneration:
-    """One cached generation run, token by token: iterate to get each step's new token ids
-    [B] (numpy int32) as soon as it is known. Everything is validated in the constructor,
-    before any device work; `compile()` (called on first use) compiles both functions."""
+    """One cached generation run: iterate to get each step's new token ids [B] (numpy int32).
+
+    The prompt goes through the model in chunks of `prefill_chunk` columns that append to
+    the cache (peak activations follow the chunk, not the prompt); decoding runs on the
+    device `decode_chunk` tokens per call (a `lax.while_loop`: the cache donated and updated
+    in place, sampling and the end-of-sequence check on the device), and the host receives
+    each call's tokens at once. Rows that produce one of `eos_token_ids` are done: their
+    later tokens are `pad_token_id`, and decoding stops when every row is done.
+    Everything is validated in the constructor, before any device work; `compile()` (called
+    on first use) compiles the functions ahead of time.
+    """
 
     def __init__(self, model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, attention: str | None = None,
                  attention_mask=None, max_length: int | None = None,
-                 decode_implementation: str = "auto", interpret: bool = False):
+                 decode_implementation: str = "auto", interpret: bool = False,
+                 prefill_chunk: int = 4096, decode_chunk: int = 32, eos_token_ids=(),
+                 pad_token_id: int = 0):
         _check_max_new_tokens(max_new_tokens)
         self.sampling = Sampling(temperature, top_p)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        self.prefill_chunk = _check_positive("prefill_chunk", prefill_chunk)
+        self.decode_chunk = _check_positive("decode_chunk", decode_chunk)
         config = model.config
+        eos = sorted({int(t) for t in np.atleast_1d(np.asarray(eos_token_ids, np.int64))})
+        if any(t < 0 or t >= config.vocab_size for t in eos):
+            raise ValueError(f"eos_token_ids must be token ids in [0, {config.vocab_size}), "
+                             f"got {list(eos_token_ids)!r}")
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral) or (
+                not 0 <= pad_token_id < config.vocab_size):
+            raise ValueError(f"pad_token_id must be a token id in [0, {config.vocab_size}), "
+                             f"got {pad_token_id!r}")
+        self.eos = np.asarray(eos or [-1], np.int32)    # -1 never matches a token
+        self.pad = int(pad_token_id)
         self.ids, self.lengths, self.starts = normalize_padding(input_ids, attention_mask)
         check_token_ids(self.ids, config.vocab_size)   # padding is zeros here
         B, width = self.ids.shape
@@ -156,6 +233,9 @@ class CachedGeneration:
                                                             self.spec.head_dim)
         self.interpret = bool(interpret)
         self.max_new_tokens = int(max_new_tokens)
+        # Prompt chunks of equal width (the last padded): one compiled chunk function.
+        self.chunk_width = min(self.prefill_chunk, width)
+        self.n_chunks = -(-width // self.chunk_width)
         self.graphdef, self.state = nnx.split(model)
         self.key = jax.random.PRNGKey(int(seed))
         self.stats = GenerationStats(prompt_tokens=width, cache_bytes=cache_bytes_for(self.spec),
@@ -165,22 +245,40 @@ class CachedGeneration:
         self.logits: list[np.ndarray] = []   # filled when keep_logits is set
         self.keep_logits = False
 
+    def _chunk_ids(self, index: int):
+        first = index * self.chunk_width
+        ids = self.ids[:, first:first + self.chunk_width]
+        if ids.shape[1] < self.chunk_width:
+            ids = np.pad(ids, ((0, 0), (0, self.chunk_width - ids.shape[1])))
+        return jnp.asarray(ids), jnp.int32(first)
+
     def compile(self) -> float:
-        """Compile prefill and the decode step ahead of time (or find them in jax's cache of
-        compiled functions); returns the seconds it took."""
+        """Compile the prefill chunk(s), the first-token sampler and the decode loop ahead of
+        time (or find them in jax's caches); returns the seconds it took."""
         if self._compiled is None:
             start = time.perf_counter()
-            ids, lengths = jnp.asarray(self.ids), jnp.asarray(self.lengths)
+            ids, first = self._chunk_ids(0)
+            lengths = jnp.asarray(self.lengths)
             scalar = jax.ShapeDtypeStruct((), jnp.float32)
-            prefill_fn = _prefill_jit.lower(self.graphdef, self.state, ids, lengths, self.key,
-                                            scalar, scalar, spec=self.spec).compile()
-            cache_shape = prefill_fn.out_info[2]
+            integer = jax.ShapeDtypeStruct((), jnp.int32)
+            first_fn = _prefill_chunk_jit.lower(self.graphdef, self.state, None, None, ids,
+                                                lengths, integer, spec=self.spec,
+                                                empty=True).compile()
+            logits_shape, cache_shape = first_fn.out_info
+            next_fn = None
+            if self.n_chunks > 1:
+                next_fn = _prefill_chunk_jit.lower(
+                    self.graphdef, self.state, cache_shape, logits_shape, ids, lengths, integer,
+                    spec=self.spec, empty=False).compile()
+            sample_fn = _first_token_jit.lower(logits_shape, self.key, scalar, scalar).compile()
             tokens = jax.ShapeDtypeStruct((self.spec.batch_size,), jnp.int32)
-            step = jax.ShapeDtypeStruct((), jnp.int32)
-            decode_fn = _decode_jit.lower(
-                self.graphdef, self.state, cache_shape, tokens, self.key, step, scalar, scalar,
-                implementation=self.implementation, interpret=self.interpret).compile()
-            self._compiled = (prefill_fn, decode_fn)
+            done = jax.ShapeDtypeStruct((self.spec.batch_size,), jnp.bool_)
+            decode_fn = _decode_chunk_jit.lower(
+                self.graphdef, self.state, cache_shape, tokens, done, self.key, integer,
+                integer, scalar, scalar, jnp.asarray(self.eos), integer,
+                steps=self.decode_chunk, implementation=self.implementation,
+                interpret=self.interpret, keep_logits=self.keep_logits).compile()
+            self._compiled = (first_fn, next_fn, sample_fn, decode_fn)
             self.stats.compile_s = time.perf_counter() - start
         return self.stats.compile_s
 
@@ -188,38 +286,57 @@ class CachedGeneration:
         if self.max_new_tokens == 0:
             return
         self.compile()
-        prefill_fn, decode_fn = self._compiled
+        first_fn, next_fn, sample_fn, decode_fn = self._compiled
+        self.logits = []
+        stats = self.stats
+        stats.decode_s, stats.decode_calls, stats.new_tokens = 0.0, 0, 0
         start = time.perf_counter()
         temperature = jnp.float32(self.sampling.temperature)
         top_p = jnp.float32(self.sampling.top_p)
-        tokens, logits, cache = prefill_fn(self.state, jnp.asarray(self.ids),
-                                           jnp.asarray(self.lengths), self.key, temperature,
-                                           top_p)
+        lengths = jnp.asarray(self.lengths)
+        ids, first = self._chunk_ids(0)
+        logits, cache = first_fn(self.state, None, None, ids, lengths, first)
+        for index in range(1, self.n_chunks):
+            ids, first = self._chunk_ids(index)
+            logits, cache = next_fn(self.state, cache, logits, ids, lengths, first)
+        tokens = sample_fn(logits, self.key, temperature, top_p)
         host_tokens = np.asarray(tokens)
-        self.stats.prefill_s = time.perf_counter() - start
-        self.stats.new_tokens = 1
+        stats.prefill_s = time.perf_counter() - start
+        stats.prefill_chunks = self.n_chunks
+        stats.new_tokens = 1
         if self.keep_logits:
             self.logits.append(np.asarray(logits))
+        done_host = np.isin(host_tokens, self.eos)
+        done = jnp.asarray(done_host)
+        eos, pad = jnp.asarray(self.eos), jnp.int32(self.pad)
         yield host_tokens
-        for step in range(1, self.max_new_tokens):
-            # Timed from the call to the token on the host; the time the consumer spends
-            # between two tokens (printing, ...) is not counted.
+        while stats.new_tokens < self.max_new_tokens and not done_host.all():
+            n = min(self.decode_chunk, self.max_new_tokens - stats.new_tokens)
+            # Timed from the call to its tokens on the host; the time the consumer spends
+            # between two chunks (printing, ...) is not counted.
             start = time.perf_counter()
-            tokens, logits, cache = decode_fn(self.state, cache, tokens, self.key,
-                                              jnp.int32(step), temperature, top_p)
-            host_tokens = np.asarray(tokens)
-            self.stats.decode_s += time.perf_counter() - start
-            self.stats.new_tokens = step + 1
+            out, taken, cache, tokens, done, kept = decode_fn(
+                self.state, cache, tokens, done, self.key, jnp.int32(stats.new_tokens),
+                jnp.int32(n), temperature, top_p, eos, pad)
+            out, taken = np.asarray(out), int(taken)
+            done_host = np.asarray(done)
+            stats.decode_s += time.perf_counter() - start
+            stats.decode_calls += 1
             if self.keep_logits:
-                self.logits.append(np.asarray(logits))
-            yield host_tokens
+                kept = np.asarray(kept)
+            for i in range(taken):
+                stats.new_tokens += 1
+                if self.keep_logits:
+                    self.logits.append(kept[:, i])
+                yield out[:, i]
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, attention: str | None = None, *,
              attention_mask=None, max_length: int | None = None, pad_token_id: int = 0,
              decode_implementation: str = "auto", interpret: bool = False,
-             return_logits: bool = False):
+             return_logits: bool = False, prefill_chunk: int = 4096, decode_chunk: int = 32,
+             eos_token_ids=()):
     """Generate with a cache: token ids [B, L + max_new_tokens] (numpy int32, prompt included).
 
     Args:
@@ -240,14 +357,26 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
       decode_implementation: "auto" (Pallas split-K kernel on a GPU, jnp elsewhere), "jnp",
         "pallas"; interpret: run the Pallas kernel in interpret mode (CPU tests).
       return_logits: also return the float32 logits [B, max_new_tokens, vocab] that chose
-        each new token.
+        each new token (zeros after the run stopped early).
+      prefill_chunk: prompt columns per prefill chunk (peak activation memory follows it).
+      decode_chunk: decode steps per device call.
+      eos_token_ids: a row that produces one of these ids is done: its later tokens are
+        pad_token_id; generation stops when every row is done (none: never).
     """
     session = CachedGeneration(model, input_ids, max_new_tokens, temperature=temperature,
                                top_p=top_p, seed=seed, attention=attention,
                                attention_mask=attention_mask, max_length=max_length,
-                               decode_implementation=decode_implementation, interpret=interpret)
+                               decode_implementation=decode_implementation, interpret=interpret,
+                               prefill_chunk=prefill_chunk, decode_chunk=decode_chunk,
+                               eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
     session.keep_logits = return_logits
     new_tokens = [tokens for tokens in session]
+    B = session.spec.batch_size
+    vocab = model.config.vocab_size
+    while len(new_tokens) < session.max_new_tokens:      # every row ended early
+        new_tokens.append(np.full((B,), pad_token_id, np.int32))
+        if return_logits:
+            session.logits.append(np.zeros((B, vocab), np.float32))
     ids = np.asarray(input_ids).astype(np.int32)
     B, L = ids.shape
     N = session.max_new_tokens
@@ -260,7 +389,6 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
         rows = np.arange(B)[:, None]
         out[rows, ends[:, None] + np.arange(N)[None, :]] = new
     if return_logits:
-        vocab = model.config.vocab_size
         logits = (np.stack(session.logits, axis=1) if N else np.zeros((B, 0, vocab), np.float32))
         return out, logits
     return out
@@ -506,9 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         model = from_pretrained(model_dir, attention=args.attention,
                                 group_size=args.group_size, window_size=args.window_size,
                                 dtype=dtype)
+        eos = set() if args.ignore_eos else _eos_ids(tokenizer, model.config)
         session = CachedGeneration(model, prompt_ids, args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p,
-                                   seed=args.seed, max_length=args.max_length)
+                                   seed=args.seed, max_length=args.max_length,
+                                   eos_token_ids=sorted(eos))
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, OSError) as error:
         print(f"error: {error}", file=err)
         return 2
@@ -516,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = session.stats
     if args.max_new_tokens:
         print(f"prompt: {stats.prompt_tokens} tokens; cache for {session.spec.max_length} "
-              f"positions; compiling prefill and decode step ...", file=err, flush=True)
+              f"positions; compiling prefill and decoding ...", file=err, flush=True)
         session.compile()
         print(f"compiled in {stats.compile_s:.1f} s; generating ({jax.default_backend()}, "
               f"decode attention: {session.implementation})", file=err, flush=True)
@@ -525,7 +655,6 @@ def main(argv: list[str] | None = None) -> int:
               "generate", file=err, flush=True)
     print("-" * 72, file=err, flush=True)
     stream = _TextStream(tokenizer, sys.stdout)
-    eos = set() if args.ignore_eos else _eos_ids(tokenizer, model.config)
     stopped = ""
     for tokens in session:
         token = int(tokens[0])

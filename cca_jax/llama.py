@@ -235,9 +235,15 @@ class LlamaDecoderLayer(nnx.Module):
                                                 pdtype)
         self.mlp = LlamaMLP(config, rngs)
 
-    def __call__(self, x, positions=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, positions=None, cache=None, step=None):
+        """x [B, L, hidden] -> [B, L, hidden]; with a layer cache (and the call's
+        `CacheStep`), -> (y, new layer cache): see `CCAAttention.__call__`."""
+        if cache is None:
+            x = x + self.self_attn(self.input_layernorm(x), positions)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        attended, cache = self.self_attn(self.input_layernorm(x), positions, cache, step)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def _call_layer(layer, x, positions):
@@ -245,7 +251,14 @@ def _call_layer(layer, x, positions):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """`model(input_ids [B, L], positions=None)` -> float32 logits `[B, L, vocab_size]`."""
+    """`model(input_ids [B, L], positions=None)` -> float32 logits `[B, L, vocab_size]`.
+
+    Cached call: `model(input_ids [B, T], cache=decode_cache, counts=None)` appends the T
+    tokens of each row (only the first counts[b], default all T) to a
+    `cca_jax.cache.DecodeCache` at positions `cache.lengths + 0 ..` and returns (float32
+    logits [B, vocab_size] of each row's last appended token, the new cache). T = 1 is a
+    decode step; a longer T is a prompt chunk. Same layers, same code as the plain call.
+    """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -290,5 +303,51 @@ class LlamaForCausalLM(nnx.Module):
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
 
-    def __call__(self, input_ids, positions=None):
-        return self.logits(self.hidden_states(input_ids, positions))
+    def __call__(self, input_ids, positions=None, *, cache=None, counts=None,
+                 cache_empty: bool = False, decode_implementation: str = "jnp",
+                 interpret: bool = False):
+        if cache is None:
+            return self.logits(self.hidden_states(input_ids, positions))
+        return self._cached_call(input_ids, positions, cache, counts, cache_empty,
+                                 decode_implementation, interpret)
+
+    def _cached_call(self, input_ids, positions, cache, counts, cache_empty,
+                     decode_implementation, interpret):
+        from cca_jax.cache import CacheStep, DecodeCache, check_model_matches
+
+        if getattr(input_ids, "ndim", None) != 2 or not jnp.issubdtype(input_ids.dtype,
+                                                                        jnp.integer):
+            raise ValueError("input_ids must be an integer array of shape [batch, length], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)} "
+                             f"{getattr(input_ids, 'dtype', '')}")
+        if positions is not None:
+            raise ValueError("positions must be None in a cached call: they continue the "
+                             "cache (cache.lengths)")
+        if not isinstance(cache, DecodeCache):
+            raise TypeError(f"cache must be a cca_jax.cache.DecodeCache, got "
+                            f"{type(cache).__name__}")
+        check_model_matches(self, cache.spec)
+        B, T = input_ids.shape
+        if B != cache.spec.batch_size:
+            raise ValueError(f"input_ids has batch {B}, the cache {cache.spec.batch_size}")
+        if decode_implementation not in ("jnp", "pallas"):
+            raise ValueError(f"decode_implementation must be 'jnp' or 'pallas' (resolve 'auto' "
+                             f"with cca_jax.cache.resolve_decode_implementation), got "
+                             f"{decode_implementation!r}")
+        check_token_ids(input_ids, self.config.vocab_size)
+        all_real = counts is None
+        counts = (jnp.full((B,), T, jnp.int32) if counts is None
+                  else jnp.asarray(counts, jnp.int32))
+        step = CacheStep(start=cache.lengths, count=counts, spec=cache.spec,
+                         empty=bool(cache_empty), all_real=all_real,
+                         decode_implementation=decode_implementation,
+                         interpret=bool(interpret))
+        x = self.embed_tokens(input_ids)
+        layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = layer(x, cache=layer_cache, step=step)
+            layers.append(layer_cache)
+        last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
+        logits = self.logits(self.norm(last))
+        return logits, DecodeCache(layers=tuple(layers), lengths=cache.lengths + counts,
+                                   spec=cache.spec)

@@ -32,6 +32,11 @@ SHAPES = {
                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=64, tie_word_embeddings=True, rope_theta=500000.0,
                      max_position_embeddings=131072, rms_norm_eps=1e-5),
+    # LLaMA2-7B's layout (max_position_embeddings raised so that long prompts use plain RoPE).
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      head_dim=128, tie_word_embeddings=False, rope_theta=10000.0,
+                      max_position_embeddings=262144, rms_norm_eps=1e-5),
 }
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from cca_jax import reference as oracle
-from cca_jax.cache import (CacheSpec, cache_bytes_for, cache_nbytes, decode_layer, init_cache,
-                           normalize_padding, prefill_layer)
+from cca_jax.cache import (CacheSpec, append_layer, cache_bytes_for, cache_nbytes, decode_layer,
+                           init_cache, normalize_padding, prefill_layer)
 from cca_kernels.visibility import visible_core_count
 from tests.conftest import random_qkv
 
@@ -90,6 +90,114 @@ def test_cca_cache_decode_equals_full_sequence_reference(B, H, Hkv, d, g, w, pro
                                        np.asarray(core_k[b, :n]), atol=1e-5, rtol=1e-5)
             np.testing.assert_allclose(np.asarray(cache.core_v[b, :n]),
                                        np.asarray(core_v[b, :n]), atol=1e-5, rtol=1e-5)
+
+
+def _run_chunks(spec, q, k, v, totals, schedule, *, first_empty, block_q, block_k):
+    """Feed each row's tokens 0 .. totals[b] - 1 through the cache in calls of the widths in
+    `schedule` (all rows together, each at its own position; a row that has no tokens left
+    gets count 0, a row with fewer than the width gets a ragged count). The first call is
+    `prefill_layer` + the reference when first_empty, otherwise `append_layer` on an empty
+    cache. Returns {(b, t): output at position t} for every t of every row, and the cache."""
+    totals = np.asarray(totals)
+    B = len(totals)
+    append = jax.jit(append_layer, static_argnums=0, static_argnames=("block_q", "block_k"))
+    prefill = jax.jit(prefill_layer, static_argnums=0)
+    cache = init_cache(spec).layers[0]
+    done = np.zeros(B, np.int64)
+    outputs = {}
+    for index, width in enumerate(schedule):
+        count = np.clip(totals - done, 0, width)
+        take = np.minimum(done[:, None] + np.arange(width)[None, :], q.shape[1] - 1)
+        pick = lambda x: jnp.take_along_axis(x, jnp.asarray(take)[:, :, None, None], axis=1)
+        if index == 0 and first_empty:
+            cache = prefill(spec, pick(q), pick(k), pick(v), jnp.asarray(count, jnp.int32))
+            out = None
+        else:
+            out, cache = append(spec, cache, pick(q), pick(k), pick(v),
+                                jnp.asarray(done, jnp.int32), jnp.asarray(count, jnp.int32),
+                                block_q=block_q, block_k=block_k)
+            out = np.asarray(out)
+            for b in range(B):
+                for i in range(count[b]):
+                    outputs[(b, int(done[b] + i))] = out[b, i]
+        done = done + count
+    assert (done == totals).all(), "the schedule must cover every token"
+    return outputs, cache
+
+
+# (attention, B, H, Hkv, d, g, w, totals, max_length, schedule, blocks, first_empty): the
+# chunk widths cross group boundaries and the window edge at every offset; widths 1 (with
+# rows that have no token left), smaller than g, larger than the raw ring (w + g) and than
+# the whole cache; blocks smaller than the chunk, so that the blocked loops and their
+# clamped last blocks run. first_empty: the first chunk goes through `prefill_layer` (as in
+# generation) instead of `append_layer` on an empty cache.
+CHUNK_CASES = [
+    ("cca", 2, 4, 2, 16, 4, 16, [50, 31], 50, [7, 1, 13, 29], (8, 16), True),   # GQA, ragged
+    ("cca", 2, 4, 2, 16, 4, 16, [50, 31], 50, [7, 1, 13, 29], (8, 16), False),
+    ("cca", 1, 2, 2, 8, 4, 10, [45], 45, [3, 3, 3, 36], (4, 8), True),          # w % g != 0
+    ("cca", 2, 2, 1, 8, 1, 1, [20, 9], 20, [5, 1, 1, 13], (3, 5), False),        # g = w = 1
+    ("cca", 1, 4, 4, 8, 8, 3, [40], 40, [9, 17, 14], (16, 32), True),           # w < g
+    ("cca", 3, 2, 2, 8, 3, 7, [31, 1, 20], 31, [2, 25, 4], (5, 7), False),      # three rows
+    ("cca", 1, 2, 1, 8, 4, 16, [14], 14, [5, 9], (4, 4), True),                  # no core token
+    ("cca", 1, 4, 2, 8, 4, 8, [60], 60, [60], (16, 8), False),                   # one chunk
+    ("full", 2, 4, 2, 8, 4, 16, [25, 12], 25, [4, 1, 11, 9], (8, 16), True),
+    ("full", 1, 2, 1, 8, 4, 16, [30], 30, [30], (7, 9), False),
+]
+
+
+@pytest.mark.parametrize(
+    "attention,B,H,Hkv,d,g,w,totals,max_length,schedule,blocks,first_empty", CHUNK_CASES)
+def test_chunks_equal_the_full_sequence_reference(attention, B, H, Hkv, d, g, w, totals,
+                                                  max_length, schedule, blocks, first_empty):
+    """Appending chunks of any width: every position's output equals the full-sequence
+    reference (the SPEC oracle), and the core tokens held are the SPEC pooling of the groups
+    visible to the last position."""
+    T = max_length
+    q, k, v, _ = random_qkv(T * 7 + g + len(schedule), B, T, H, Hkv, d)
+    spec = _spec(attention, B, max_length, H, Hkv, d, g, w)
+    scale = 1 / math.sqrt(d)
+    reference = np.asarray(cca_reference(q, k, v, group_size=g, window_size=w, scale=scale)
+                           if attention == "cca" else causal_reference(q, k, v, scale=scale))
+    outputs, cache = _run_chunks(spec, q, k, v, totals, schedule, first_empty=first_empty,
+                                 block_q=blocks[0], block_k=blocks[1])
+    expected = sum(totals) - (sum(min(t, schedule[0]) for t in totals) if first_empty else 0)
+    assert len(outputs) == expected
+    worst = max(np.abs(out - reference[b, t]).max() for (b, t), out in outputs.items())
+    assert worst < 1e-5, worst
+    if attention == "cca":
+        core_k, core_v = pool_core_tokens(q, k, v, group_size=g, scale=scale)
+        for b, total in enumerate(totals):
+            n = visible_core_count(total - 1, g, w)
+            if n:
+                np.testing.assert_allclose(np.asarray(cache.core_k[b, :n]),
+                                           np.asarray(core_k[b, :n]), atol=1e-5, rtol=1e-5)
+                np.testing.assert_allclose(np.asarray(cache.core_v[b, :n]),
+                                           np.asarray(core_v[b, :n]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunk_then_decode_steps_continue_exactly():
+    """append_layer leaves the cache that decode_layer continues: chunks, then single-token
+    decode steps (the decode path), every output against the reference."""
+    B, H, Hkv, d, g, w, T = 2, 4, 2, 8, 4, 10, 48
+    q, k, v, _ = random_qkv(5, B, T, H, Hkv, d)
+    spec = _spec("cca", B, T, H, Hkv, d, g, w)
+    reference = np.asarray(cca_reference(q, k, v, group_size=g, window_size=w,
+                                         scale=1 / math.sqrt(d)))
+    outputs, cache = _run_chunks(spec, q, k, v, [30, 19], [11, 19], first_empty=True,
+                                 block_q=8, block_k=8)
+    step = jax.jit(decode_layer, static_argnums=0)
+    positions = np.array([30, 19])
+    for _ in range(17):
+        take = jnp.asarray(positions)[:, None, None, None]
+        pick = lambda x: jnp.take_along_axis(x, take, axis=1)[:, 0]
+        out, cache = step(spec, cache, pick(q), pick(k), pick(v),
+                          jnp.asarray(positions, jnp.int32))
+        for b, t in enumerate(positions):
+            outputs[(b, int(t))] = np.asarray(out[b])
+        positions = positions + 1
+    worst = max(np.abs(out - reference[b, t]).max() for (b, t), out in outputs.items())
+    assert worst < 1e-5, worst
+    assert max(t for _, t in outputs) == 46
 
 
 def test_the_cache_matters():
