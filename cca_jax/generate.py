@@ -171,6 +171,61 @@ class GenerationStats:
         return steps / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+# Activation bytes per prompt token of one chunk, per (hidden + intermediate) value of the
+# model dtype: measured on an H200 for the LLaMA2-7B shape in bfloat16 (about 0.55 MB per
+# token, one-shot prefill of 262,144 tokens asking for 145 GiB with weights and caches).
+ACTIVATION_BYTES_PER_WIDTH = 18
+CPU_PREFILL_CHUNK = 4096
+
+
+def activation_bytes_per_token(config) -> int:
+    """Estimated peak activation bytes per prompt token of a prefill chunk (see
+    ACTIVATION_BYTES_PER_WIDTH)."""
+    itemsize = jnp.dtype(config.dtype).itemsize
+    return ACTIVATION_BYTES_PER_WIDTH * itemsize * (config.hidden_size
+                                                    + config.intermediate_size)
+
+
+def device_memory_bytes() -> tuple[int, int] | None:
+    """(bytes the first device may allocate, bytes in use), or None where the backend does
+    not say (the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+
+
+def auto_prefill_chunk(config, spec: CacheSpec, memory: tuple[int, int] | None = None,
+                       *, multiple: int = 512) -> int:
+    """Prompt columns per prefill chunk: on an accelerator, the widest multiple of
+    `multiple` whose estimated activations (batch x columns x activation_bytes_per_token)
+    fit in 80% of the memory left once the cache is allocated (the weights are already in
+    use); at least `multiple`. Without memory statistics (the CPU): CPU_PREFILL_CHUNK."""
+    memory = device_memory_bytes() if memory is None else memory
+    if memory is None:
+        return CPU_PREFILL_CHUNK
+    limit, in_use = memory
+    free = 0.8 * (limit - in_use - cache_bytes_for(spec))
+    columns = int(free // (spec.batch_size * activation_bytes_per_token(config)))
+    return max(multiple, columns // multiple * multiple)
+
+
+def largest_batch(config, max_length: int, attention: str | None = None,
+                  memory: tuple[int, int] | None = None, *, prefill_columns: int = 512) -> int:
+    """The largest batch whose caches of `max_length` positions, plus the activations of a
+    prefill chunk of `prefill_columns` columns (estimated, see activation_bytes_per_token),
+    fit in the device memory left beside what is in use now (load the weights first).
+    memory: (bytes the device may allocate, bytes in use), default read from the first
+    device. 0 when not even one sequence fits."""
+    memory = device_memory_bytes() if memory is None else memory
+    if memory is None:
+        raise ValueError("this backend reports no memory limit; pass memory=(limit, in_use)")
+    limit, in_use = memory
+    one = CacheSpec.for_model(config, 1, max_length, attention)
+    per_sequence = cache_bytes_for(one) + prefill_columns * activation_bytes_per_token(config)
+    return max(0, int(0.95 * (limit - in_use) // per_sequence))
+
+
 def _check_positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -181,7 +236,8 @@ class CachedGeneration:
     """One cached generation run: iterate to get each step's new token ids [B] (numpy int32).
 
     The prompt goes through the model in chunks of `prefill_chunk` columns that append to
-    the cache (peak activations follow the chunk, not the prompt); decoding runs on the
+    the cache (peak activations follow the chunk, not the prompt; None: the widest chunk
+    that `auto_prefill_chunk` finds room for); decoding runs on the
     device `decode_chunk` tokens per call (a `lax.while_loop`: the cache donated and updated
     in place, sampling and the end-of-sequence check on the device), and the host receives
     each call's tokens at once. Rows that produce one of `eos_token_ids` are done: their
@@ -194,13 +250,14 @@ class CachedGeneration:
                  top_p: float = 1.0, seed: int = 0, attention: str | None = None,
                  attention_mask=None, max_length: int | None = None,
                  decode_implementation: str = "auto", interpret: bool = False,
-                 prefill_chunk: int = 4096, decode_chunk: int = 32, eos_token_ids=(),
+                 prefill_chunk: int | None = None, decode_chunk: int = 32, eos_token_ids=(),
                  pad_token_id: int = 0):
         _check_max_new_tokens(max_new_tokens)
         self.sampling = Sampling(temperature, top_p)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.prefill_chunk = _check_positive("prefill_chunk", prefill_chunk)
+        if prefill_chunk is not None:
+            _check_positive("prefill_chunk", prefill_chunk)
         self.decode_chunk = _check_positive("decode_chunk", decode_chunk)
         config = model.config
         eos = sorted({int(t) for t in np.atleast_1d(np.asarray(eos_token_ids, np.int64))})
@@ -233,6 +290,8 @@ class CachedGeneration:
                                                             self.spec.head_dim)
         self.interpret = bool(interpret)
         self.max_new_tokens = int(max_new_tokens)
+        self.prefill_chunk = (int(prefill_chunk) if prefill_chunk is not None
+                              else auto_prefill_chunk(config, self.spec))
         # Prompt chunks of equal width (the last padded): one compiled chunk function.
         self.chunk_width = min(self.prefill_chunk, width)
         self.n_chunks = -(-width // self.chunk_width)
@@ -335,7 +394,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, attention: str | None = None, *,
              attention_mask=None, max_length: int | None = None, pad_token_id: int = 0,
              decode_implementation: str = "auto", interpret: bool = False,
-             return_logits: bool = False, prefill_chunk: int = 4096, decode_chunk: int = 32,
+             return_logits: bool = False, prefill_chunk: int | None = None,
+             decode_chunk: int = 32,
              eos_token_ids=()):
     """Generate with a cache: token ids [B, L + max_new_tokens] (numpy int32, prompt included).
 
@@ -358,7 +418,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
         "pallas"; interpret: run the Pallas kernel in interpret mode (CPU tests).
       return_logits: also return the float32 logits [B, max_new_tokens, vocab] that chose
         each new token (zeros after the run stopped early).
-      prefill_chunk: prompt columns per prefill chunk (peak activation memory follows it).
+      prefill_chunk: prompt columns per prefill chunk (peak activation memory follows it);
+        None: `auto_prefill_chunk`.
       decode_chunk: decode steps per device call.
       eos_token_ids: a row that produces one of these ids is done: its later tokens are
         pad_token_id; generation stops when every row is done (none: never).

@@ -232,7 +232,26 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes for a CPU smoke run (kernel in interpret mode)")
+    serve = parser.add_argument_group(
+        "serving benchmark (with --shape; see cca_kernels/bench_serve.py)")
+    serve.add_argument("--shape", help="train.bench_model.SHAPES key, e.g. llama2-7b: run the "
+                                       "serving benchmark instead of the sections above")
+    serve.add_argument("--attention", nargs="+", choices=("cca", "full"),
+                       default=["cca", "full"])
+    serve.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 131072],
+                       help="prompt lengths of the B = 1 runs")
+    serve.add_argument("--batch-lengths", type=int, nargs="*", default=[32768, 131072],
+                       help="prompt lengths of the batch runs")
+    serve.add_argument("--batches", nargs="*", default=["1", "8", "32", "max"],
+                       help="batch sizes of the batch runs ('max': the largest that fits)")
+    serve.add_argument("--prefill-batches", nargs="*", default=[], metavar="B:L",
+                       help="real prefills of B prompts of L tokens (then decoding)")
+    serve.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
+    serve.add_argument("--skip-exactness", action="store_true")
     args = parser.parse_args(argv)
+    if args.shape:
+        from cca_kernels import bench_serve
+        return bench_serve.run(args)
 
     gpu = jax.default_backend() == "gpu"
     if args.smoke:
