@@ -390,3 +390,114 @@ def test_package_level_generate_and_cli_module():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--max-new-tokens" in result.stdout
     assert "RuntimeWarning" not in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Chunked prefill, decoding on the device, end-of-sequence.
+
+
+@pytest.mark.parametrize("attention", ["cca", "full"])
+def test_chunked_prefill_equals_one_shot_prefill(tiny_models, prompts, attention):
+    """The prompt in chunks of 1, 6 or 13 columns (ragged rows: some end inside a chunk,
+    some have nothing left in later chunks) gives the logits of the one-shot prefill within
+    1e-5 (float32), and the cache they leave decodes the same next logits."""
+    from cca_jax import cache as cache_lib
+
+    model = tiny_models[attention]
+    ids, _ = _batch(prompts, "right")
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    spec = cache_lib.CacheSpec.for_model(model.config, len(prompts), ids.shape[1] + 4)
+    graphdef, state = nnx.split(model)
+
+    def run(chunk):
+        @jax.jit
+        def prefill_then_step(state, ids):
+            m = nnx.merge(graphdef, state)
+            logits, cache = cache_lib.prefill(m, spec, ids, lengths, chunk_size=chunk)
+            following, _ = cache_lib.decode_step(m, cache, jnp.argmax(logits, -1))
+            return logits, following
+        return [np.asarray(x) for x in prefill_then_step(state, jnp.asarray(ids))]
+
+    one_shot = run(None)
+    for chunk in (1, 6, 13):
+        for got, expected in zip(run(chunk), one_shot):
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5,
+                                       err_msg=f"chunk {chunk}")
+
+
+def test_small_prefill_and_decode_chunks_are_exact(tiny_models, prompts):
+    """Prompt chunks of 6 columns and 5 decode steps per device call: still the oracle's
+    tokens and logits (the loop's stopping and restarting between calls loses nothing)."""
+    worst = _check_against_oracle(tiny_models["cca"], prompts, 17, "left", prefill_chunk=6,
+                                  decode_chunk=5)
+    assert worst < TOLERANCE, worst
+
+
+def test_sampling_does_not_depend_on_the_decode_chunk(tiny_models, prompts):
+    ids = prompts[1][None]
+    one = generate(tiny_models["cca"], ids, 9, temperature=1.0, seed=5, decode_chunk=1)
+    many = generate(tiny_models["cca"], ids, 9, temperature=1.0, seed=5, decode_chunk=32)
+    np.testing.assert_array_equal(one, many)
+
+
+def test_end_of_sequence_ends_rows_on_the_device(tiny_models, prompts):
+    """A row that produces an end-of-sequence id gets pad tokens after it, the other rows go
+    on unchanged; when every row has ended, decoding stops (fewer device calls). Sampled
+    (seeded), so that the tokens vary; the same seed gives the same tokens until the end."""
+    from cca_jax.generate import CachedGeneration
+
+    model = tiny_models["cca"]
+    ids, mask = _batch(prompts[:2], "right")
+    sampling = dict(temperature=1.0, seed=11, decode_chunk=4)
+    free = generate(model, ids, 12, attention_mask=mask, **sampling)
+    L = [len(p) for p in prompts[:2]]
+    row0 = free[0, L[0]:L[0] + 12].tolist()
+    end = next(i for i in range(2, 12) if row0[i] not in row0[:i]) + 1   # tokens up to eos
+    eos = row0[end - 1]
+    stopped = generate(model, ids, 12, attention_mask=mask, eos_token_ids=[eos],
+                       pad_token_id=1, **sampling)
+    assert stopped[0, L[0]:L[0] + end].tolist() == row0[:end]
+    assert (stopped[0, L[0] + end:L[0] + 12] == 1).all()
+    row1 = free[1, L[1]:L[1] + 12].tolist()
+    end1 = row1.index(eos) + 1 if eos in row1 else 12
+    assert stopped[1, L[1]:L[1] + end1].tolist() == row1[:end1]
+    assert (stopped[1, L[1] + end1:L[1] + 12] == 1).all()
+    # Row 0 alone: it ends at token `end`, so the decode calls stop there.
+    session = CachedGeneration(model, prompts[0][None], 12, eos_token_ids=[eos], **sampling)
+    tokens = [int(t[0]) for t in session]
+    assert tokens == row0[:end]
+    assert session.stats.new_tokens == end
+    assert session.stats.decode_calls == -(-(end - 1) // 4) < -(-11 // 4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prefill_chunk=0), "prefill_chunk must be an int >= 1"),
+    (dict(decode_chunk=0), "decode_chunk must be an int >= 1"),
+    (dict(eos_token_ids=[256]), "eos_token_ids must be token ids"),
+    (dict(pad_token_id=-1), "pad_token_id must be a token id"),
+])
+def test_bad_chunk_and_stop_arguments_are_clear_errors(tiny_models, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(tiny_models["cca"], np.arange(1, 6, dtype=np.int32)[None], 5, **kwargs)
+
+
+def test_auto_prefill_chunk_and_largest_batch_follow_memory(tiny_models):
+    from cca_jax.cache import CacheSpec, cache_bytes_for
+    from cca_jax.generate import (CPU_PREFILL_CHUNK, activation_bytes_per_token,
+                                  auto_prefill_chunk, largest_batch)
+
+    config = tiny_models["cca"].config
+    spec = CacheSpec.for_model(config, 2, 1000)
+    per_token = activation_bytes_per_token(config)
+    assert auto_prefill_chunk(config, spec, memory=None) in (CPU_PREFILL_CHUNK,
+                                                             auto_prefill_chunk(config, spec))
+    limit = cache_bytes_for(spec) + 2 * 10_000 * per_token
+    chunk = auto_prefill_chunk(config, spec, memory=(limit, 0), multiple=100)
+    assert chunk == 8000      # 80% of the room left by the cache, for 2 rows
+    assert auto_prefill_chunk(config, spec, memory=(cache_bytes_for(spec), 0)) == 512
+    one = cache_bytes_for(CacheSpec.for_model(config, 1, 1000)) + 512 * per_token
+    assert largest_batch(config, 1000, memory=(10 * one, 0)) == 9
+    assert largest_batch(config, 1000, memory=(10 * one, 10 * one)) == 0
+    full_one = cache_bytes_for(CacheSpec.for_model(config, 1, 1000, "full")) + 512 * per_token
+    assert largest_batch(config, 1000, "full", memory=(10 * one, 0)) == int(
+        0.95 * 10 * one // full_one)
