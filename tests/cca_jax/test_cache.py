@@ -40,19 +40,25 @@ def _run_cache(spec, q, k, v, prompt_lengths, steps):
     width = int(prompt_lengths.max())
     assert width + steps <= min(spec.max_length, q.shape[1])
     prefill = jax.jit(prefill_layer, static_argnums=0)
-    step = jax.jit(decode_layer, static_argnums=0)
     cache = prefill(spec, q[:, :width], k[:, :width], v[:, :width],
                     jnp.asarray(prompt_lengths, jnp.int32))
     outputs = {}
-    for i in range(steps):
-        positions = prompt_lengths + i
-        take = jnp.asarray(positions)[:, None, None, None]
-        pick = lambda x: jnp.take_along_axis(x, take, axis=1)[:, 0]
-        out, cache = step(spec, cache, pick(q), pick(k), pick(v),
-                          jnp.asarray(positions, jnp.int32))
-        for b, t in enumerate(positions):
-            outputs[(b, int(t))] = np.asarray(out[b])
+    cache = _decode_steps(spec, cache, q, k, v, prompt_lengths, steps, outputs)
     return outputs, cache
+
+
+def _decode_steps(spec, cache, q, k, v, positions, steps, outputs):
+    """`steps` decode steps from `positions` [B] on (every row one token per step); each
+    output goes into outputs[(b, t)]. Returns the cache."""
+    step = jax.jit(decode_layer, static_argnums=0)
+    for i in range(steps):
+        now = np.asarray(positions) + i
+        take = jnp.asarray(now)[:, None, None, None]
+        pick = lambda x: jnp.take_along_axis(x, take, axis=1)[:, 0]
+        out, cache = step(spec, cache, pick(q), pick(k), pick(v), jnp.asarray(now, jnp.int32))
+        for b, t in enumerate(now):
+            outputs[(b, int(t))] = np.asarray(out[b])
+    return cache
 
 
 # (B, H, Hkv, d, g, w, prompt lengths, decode steps, max_length); the longest row's last
@@ -185,16 +191,7 @@ def test_a_chunk_then_decode_steps_continue_exactly():
                                          scale=1 / math.sqrt(d)))
     outputs, cache = _run_chunks(spec, q, k, v, [30, 19], [11, 19], first_empty=True,
                                  block_q=8, block_k=8)
-    step = jax.jit(decode_layer, static_argnums=0)
-    positions = np.array([30, 19])
-    for _ in range(17):
-        take = jnp.asarray(positions)[:, None, None, None]
-        pick = lambda x: jnp.take_along_axis(x, take, axis=1)[:, 0]
-        out, cache = step(spec, cache, pick(q), pick(k), pick(v),
-                          jnp.asarray(positions, jnp.int32))
-        for b, t in enumerate(positions):
-            outputs[(b, int(t))] = np.asarray(out[b])
-        positions = positions + 1
+    _decode_steps(spec, cache, q, k, v, np.array([30, 19]), 17, outputs)
     worst = max(np.abs(out - reference[b, t]).max() for (b, t), out in outputs.items())
     assert worst < 1e-5, worst
     assert max(t for _, t in outputs) == 46
