@@ -15,13 +15,13 @@ attention kind (one model each):
    CCA's c(t) core tokens per query head and its raw window) over the copy bandwidth
    measured at the start, against the measured time per step;
 3. batches at each of --batch-lengths: aggregate decode tokens/s at B = 1, 8, 32 and the
-   largest batch that fits (`cca_jax.generate.largest_batch`). For these the cache of one
-   prefilled prompt is copied to every row (decode speed depends on the cache's shape, not
-   on its values); `--prefill-batches B:L ...` runs real prefills of whole batches.
+   largest batch that fits (`cca_jax.generate.largest_batch`). For these the caches hold
+   random values of the right shape (decode speed depends on the cache's shape, not on its
+   values; the results of 2026-12-04 copied one prefilled row instead, which needed room for
+   two caches); `--prefill-batches B:L ...` runs real prefills of whole batches.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
@@ -147,32 +147,47 @@ def _roofline(row, config, attention, batch, length, new_tokens, bandwidth, weig
                roofline_share=1e3 * bytes_ / bandwidth / ms)
 
 
-def run_tiled_decode(model, attention: str, batch: int, length: int, new_tokens: int,
+def random_cache(spec, length: int, seed: int = 0):
+    """A cache of `spec` whose rows all hold `length` tokens of random values (normal keys,
+    values and core tokens; pooling weights uniform in [0, 1)): what a decode step reads
+    has the shape of a real prefill's, and no prefill is needed. Every leaf is drawn by its
+    own jitted call, so only the cache itself is ever allocated."""
+    from cca_jax import cache as cache_lib
+
+    shapes = jax.eval_shape(lambda: cache_lib.init_cache(spec))
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    filled = []
+    for key, leaf in zip(keys, leaves):
+        if jnp.issubdtype(leaf.dtype, jnp.integer):          # the lengths
+            filled.append(jnp.full(leaf.shape, length, leaf.dtype))
+        elif leaf.dtype == jnp.float32:                        # pooling weights
+            filled.append(jax.jit(lambda k, s=leaf.shape: jax.random.uniform(k, s))(key))
+        else:
+            filled.append(jax.jit(lambda k, s=leaf.shape, t=leaf.dtype:
+                                  jax.random.normal(k, s, t))(key))
+    return jax.tree_util.tree_unflatten(treedef, filled)
+
+
+def run_batch_decode(model, attention: str, batch: int, length: int, new_tokens: int,
                      bandwidth: float, weight_bytes: int) -> dict:
-    """Decode throughput at `batch` rows: one prompt prefilled, its cache copied to every
-    row, then `new_tokens` decode steps (32 per device call), timed after a warm call."""
+    """Decode throughput at `batch` rows whose caches hold `length` tokens of random values
+    (decode speed depends on the cache's shape, not on its values; `random_cache`), then
+    `new_tokens` decode steps (32 per device call), timed after a warm call."""
     from flax import nnx
 
     from cca_jax import cache as cache_lib
     from cca_jax.cache import resolve_decode_implementation
-    from cca_jax.generate import _decode_chunk_jit, auto_prefill_chunk
+    from cca_jax.generate import _decode_chunk_jit
 
     config = model.config
-    row = {"attention": attention, "batch": batch, "length": length, "mode": "copied cache"}
-    max_length = length + 2 * new_tokens + 64
-    one = cache_lib.CacheSpec.for_model(config, 1, max_length, attention)
-    spec = dataclasses.replace(one, batch_size=batch)
+    row = {"attention": attention, "batch": batch, "length": length, "mode": "random cache"}
+    spec = cache_lib.CacheSpec.for_model(config, batch, length + 2 * new_tokens + 64,
+                                         attention)
     graphdef, state = nnx.split(model)
-    ids = jax.random.randint(jax.random.PRNGKey(length), (1, length), 0, config.vocab_size)
     try:
-        chunk = auto_prefill_chunk(config, one)
-        prefill = jax.jit(lambda state, ids: cache_lib.prefill(
-            nnx.merge(graphdef, state), one, ids, jnp.array([length], jnp.int32),
-            chunk_size=chunk))
-        logits, cache = prefill(state, ids)
-        del prefill
-        cache = jax.tree.map(lambda x: jnp.repeat(x, batch, axis=0), cache).replace(spec=spec)
-        tokens = jnp.repeat(jnp.argmax(logits, -1).astype(jnp.int32), batch)
+        cache = random_cache(spec, length)
+        tokens = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, config.vocab_size)
         impl = resolve_decode_implementation("auto", config.head_size)
         done = jnp.zeros((batch,), bool)
         key = jax.random.PRNGKey(0)
@@ -296,10 +311,10 @@ def run(args) -> int:
             for batch in batches:
                 if batch < 1 or batch > most:
                     row = {"attention": attention, "batch": batch, "length": length,
-                           "mode": "copied cache",
+                           "mode": "random cache",
                            "error": f"skipped: largest batch that fits is {most}"}
                 else:
-                    row = run_tiled_decode(model, attention, batch, length, args.new_tokens,
+                    row = run_batch_decode(model, attention, batch, length, args.new_tokens,
                                            bandwidth, weight_bytes)
                 row["largest_batch"] = most
                 results["rows"].append(row)
