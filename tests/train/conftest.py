@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,64 @@ def finetune_command(args) -> list[str]:
 def run_finetune(args, devices: int = 8, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(finetune_command(args), cwd=REPO, env=finetune_env(devices),
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Several runs in one process: train.finetune's main() once per argument list, each run's
+# stdout and stderr captured at the file-descriptor level (C++ logging included, as a
+# subprocess's would be). Every `python -m train.finetune` launch spends ~6 s importing jax,
+# transformers and orbax and tracing the train step before its first update.
+SEQUENCE = textwrap.dedent("""
+    import json, os, shutil, sys, tempfile, traceback
+    from train import finetune
+
+    def run(args):
+        files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(files[0].fileno(), 1), os.dup2(files[1].fileno(), 2)
+        try:
+            code = finetune.main(args)
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for f in files:
+            f.seek(0)
+        return [code] + [f.read().decode(errors="replace") for f in files]
+
+    results = []
+    for kind, arg in json.load(open(sys.argv[1])):
+        if kind == "remove":
+            shutil.rmtree(arg)
+        elif kind == "copy":
+            shutil.copy(*arg)
+        else:
+            results.append(run(arg))
+    json.dump(results, open(sys.argv[2], "w"))
+""")
+
+
+def run_finetune_sequence(steps, workdir: Path, devices: int = 8,
+                          timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """The runs of `steps` one after the other in one child process with `devices` CPU
+    devices. A step is ("run", argument list), ("remove", directory) or ("copy", (file,
+    destination)), the last two done between the runs. One result per run, as `run_finetune`
+    would have returned it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan, report = workdir / "sequence.json", workdir / "results.json"
+    plan.write_text(json.dumps([(kind, str(arg) if kind == "remove" else [str(a) for a in arg])
+                                for kind, arg in steps]))
+    child = subprocess.run([sys.executable, "-c", SEQUENCE, str(plan), str(report)], cwd=REPO,
+                           env=finetune_env(devices), capture_output=True, text=True,
+                           timeout=timeout, check=False)
+    assert child.returncode == 0 and report.is_file(), child.stdout + child.stderr
+    commands = [finetune_command(arg) for kind, arg in steps if kind == "run"]
+    return [subprocess.CompletedProcess(command, code, stdout, stderr)
+            for command, (code, stdout, stderr) in zip(commands, json.loads(report.read_text()))]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from train import eval_tasks as T
 from train import evaluate as E
@@ -349,8 +350,17 @@ def test_copy_targets_point_back_to_the_previous_occurrence(tokenizer):
 # The model side.
 
 
+@nnx.jit
+def full_logits(model, ids):
+    """The direct computation: one plain forward pass over the whole sequences, jitted as one
+    program (eagerly, op by op, it compiled every primitive for every new length: most of
+    these tests' time)."""
+    return model(ids)
+
+
 def direct_nll(model, ids, targets):
-    logp = jax.nn.log_softmax(np.asarray(model(np.asarray(ids, np.int32)), np.float64), -1)
+    logp = jax.nn.log_softmax(np.asarray(full_logits(model, np.asarray(ids, np.int32)),
+                                         np.float64), -1)
     return -np.take_along_axis(np.asarray(logp), np.asarray(targets)[..., None], -1)[..., 0]
 
 
@@ -412,7 +422,7 @@ def test_copy_scores_match_direct_computation(tokenizer):
         hits = targets = far_hits = far_targets = 0
         for end in ends:
             ids, tgt = doc.ids[end - L:end][None], doc.ids[end - L + 1:end + 1][None]
-            logits = np.asarray(model(ids))[0]
+            logits = np.asarray(full_logits(model, ids))[0]
             top1 = logits.argmax(-1) == tgt[0]
             distance = doc.copy_distance[end - L + 1:end + 1]
             for i in range(L - tail, L):

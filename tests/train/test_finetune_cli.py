@@ -1,4 +1,8 @@
-"""`python -m train.finetune` end to end on 8 CPU devices with a tiny random model."""
+"""`python -m train.finetune` end to end on 8 CPU devices with a tiny random model.
+
+The reference run (conftest.py's run_8x1) and the Ctrl-C run are `python -m train.finetune`
+processes of their own; the other 8-device runs of this file share one process (the `runs`
+fixture: main() once per run, which saves a launch's ~6 s of imports and set-up each)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +15,48 @@ import numpy as np
 import pytest
 
 from tests.train.conftest import (REPO, finetune_command, finetune_env, read_jsonl,
-                                  run_finetune)
+                                  run_finetune, run_finetune_sequence)
+
+INTERRUPTED = ["--mesh", "8x1", "--steps", "6", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, run_8x1, tmp_path_factory) -> dict:
+    """The 8-device runs of the tests below, in one process, in this order: name -> (run
+    directory, result). Directories that a test's runs start from are prepared here."""
+    root = tmp_path_factory.mktemp("runs")
+    remesh = root / "remesh"            # the 8x1 run without its last checkpoint
+    shutil.copytree(run_8x1[0], remesh)
+    shutil.rmtree(remesh / "checkpoints" / "6")
+    copy = root / "copy"                # the 8x1 run as it is
+    shutil.copytree(run_8x1[0], copy)
+    resumed = root / "resumed"
+    named = []
+
+    def run(name, out, *extra):
+        named.append((name, out))
+        return "run", tiny.args(out, *extra)
+
+    sequence = [
+        run("4x2", root / "4x2", "--mesh", "4x2", "--steps", "1", "--eval-sequences", "0",
+            "--no-export"),
+        run("remesh", remesh, "--mesh", "4x2", "--steps", "6", "--save-every", "2", "--resume",
+            "--no-export"),
+        run("again", copy, "--mesh", "8x1", "--steps", "8"),
+        run("other lr", copy, "--mesh", "8x1", "--steps", "8", "--resume", "--lr", "1e-3"),
+        # test_interrupted_run_resumes_with_identical_losses: 1. stop after 3 updates
+        # (checkpoints at 2 and 3); 2. continue for 2 more (checkpoints at 4 and 5), then lose
+        # checkpoint 5 as a hard kill between logging step 5 and committing its checkpoint
+        # would; 3. resume from 4: the log line of step 5 is dropped and redone, then on to
+        # the end.
+        run("first", resumed, *INTERRUPTED, "--stop-after", "3"),
+        ("copy", (resumed / "metrics.jsonl", root / "metrics-after-first.jsonl")),
+        run("second", resumed, *INTERRUPTED, "--resume", "--stop-after", "2"),
+        ("remove", resumed / "checkpoints" / "5"),
+        run("third", resumed, *INTERRUPTED, "--resume"),
+    ]
+    results = run_finetune_sequence(sequence, root / "sequence")
+    return {name: (out, result) for (name, out), result in zip(named, results)}
 
 
 def test_8x1_loss_goes_down_and_everything_is_sharded_8_ways(run_8x1):
@@ -50,10 +95,8 @@ def test_8x1_loss_goes_down_and_everything_is_sharded_8_ways(run_8x1):
             assert "count" in r["path"], r
 
 
-def test_4x2_gives_the_step_1_loss_of_8x1(tiny, run_8x1, tmp_path):
-    out = tmp_path / "4x2"
-    result = run_finetune(tiny.args(out, "--mesh", "4x2", "--steps", "1", "--eval-sequences",
-                                    "0", "--no-export"))
+def test_4x2_gives_the_step_1_loss_of_8x1(runs, run_8x1):
+    out, result = runs["4x2"]
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fsdp=4 x tensor=2" in result.stdout
     step1 = read_jsonl(out / "metrics.jsonl")[0]["loss"]
@@ -85,22 +128,16 @@ def test_1x3_mesh_with_heads_that_do_not_split_3_ways_trains_with_replicated_hea
     assert k["spec"] == "P(None, None)" and k["devices"] == 3 and k["fully_replicated"]
 
 
-def test_interrupted_run_resumes_with_identical_losses(tiny, run_8x1, tmp_path):
-    out = tmp_path / "resumed"
-    common = ["--mesh", "8x1", "--steps", "6", "--save-every", "2"]
-    # 1. stop after 3 updates (checkpoints at 2 and 3).
-    first = run_finetune(tiny.args(out, *common, "--stop-after", "3"))
+def test_interrupted_run_resumes_with_identical_losses(runs, run_8x1):
+    out, first = runs["first"]
     assert first.returncode == 0, first.stdout + first.stderr
     assert "stopped after step 3 of 6" in first.stdout
-    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-    # 2. continue for 2 more (checkpoints at 4 and 5), then lose checkpoint 5 as a hard kill
-    #    between logging step 5 and committing its checkpoint would.
-    second = run_finetune(tiny.args(out, *common, "--resume", "--stop-after", "2"))
+    after_first = out.parent / "metrics-after-first.jsonl"    # copied before the second run
+    assert [m["step"] for m in read_jsonl(after_first)] == [1, 2, 3]
+    second = runs["second"][1]
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resumed from step 3" in second.stdout
-    shutil.rmtree(out / "checkpoints" / "5")
-    # 3. resume from 4: the log line of step 5 is dropped and redone, then on to the end.
-    third = run_finetune(tiny.args(out, *common, "--resume"))
+    third = runs["third"][1]
     assert third.returncode == 0, third.stdout + third.stderr
     assert "resumed from step 4" in third.stdout
     resumed = read_jsonl(out / "metrics.jsonl")
@@ -114,15 +151,12 @@ def test_interrupted_run_resumes_with_identical_losses(tiny, run_8x1, tmp_path):
     assert abs(final[-1]["loss"] - read_jsonl(run_8x1[0] / "eval.jsonl")[-1]["loss"]) < 1e-5
 
 
-def test_resume_on_another_mesh_verifies_the_same_digests(tiny, run_8x1, tmp_path):
+def test_resume_on_another_mesh_verifies_the_same_digests(runs, run_8x1):
     """The arrays' fingerprints do not depend on the sharding: checkpoint 4 of the 8x1 run
     restores on a 4x2 mesh, passes verification, and the run goes on with the same losses."""
-    out = tmp_path / "remesh"
-    shutil.copytree(run_8x1[0], out)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "6"]
-    shutil.rmtree(out / "checkpoints" / "6")
-    result = run_finetune(tiny.args(out, "--mesh", "4x2", "--steps", "6", "--save-every", "2",
-                                    "--resume", "--no-export"))
+    # The run resumed a copy of the 8x1 run whose checkpoints were these, less the last.
+    assert sorted(p.name for p in (run_8x1[0] / "checkpoints").iterdir()) == ["4", "6"]
+    out, result = runs["remesh"]
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from step 4 " in result.stdout and "fsdp=4 x tensor=2" in result.stdout
     assert "warning" not in result.stderr, result.stderr
@@ -133,14 +167,10 @@ def test_resume_on_another_mesh_verifies_the_same_digests(tiny, run_8x1, tmp_pat
         assert abs(got["loss"] - want["loss"]) < 1e-4, (got, want)
 
 
-def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_old_directory(tiny, run_8x1,
-                                                                               tmp_path):
-    out = tmp_path / "copy"
-    shutil.copytree(run_8x1[0], out)
-    again = run_finetune(tiny.args(out, "--mesh", "8x1", "--steps", "8"), devices=8)
+def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_old_directory(runs):
+    again = runs["again"][1]          # a copy of the 8x1 run
     assert again.returncode == 2 and "already holds a run" in again.stderr
-    other = run_finetune(tiny.args(out, "--mesh", "8x1", "--steps", "8", "--resume",
-                                   "--lr", "1e-3"))
+    other = runs["other lr"][1]
     assert other.returncode == 2, other.stdout + other.stderr
     assert "--lr 0.003 -> 0.001" in other.stderr
 
