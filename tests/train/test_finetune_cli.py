@@ -95,6 +95,37 @@ def test_8x1_loss_goes_down_and_everything_is_sharded_8_ways(run_8x1):
             assert "count" in r["path"], r
 
 
+# The 8x1 reference run is a session fixture, but pytest-xdist workers do not share those:
+# each worker that runs a test using it makes the run again. So every test that uses it is in
+# this file, which --dist loadfile gives to one worker.
+def test_export_is_the_trained_model_and_converts_to_hugging_face(tiny, run_8x1, tmp_path):
+    import jax.numpy as jnp
+
+    from cca_jax import from_pretrained
+    from cca_jax.convert import converted_to_hf
+    from cca_jax.loading import load_tokenizer
+    from convert.checkpoint import read_converted_config
+    from train import data
+    from train.step import token_nll
+
+    out = run_8x1[0]
+    export = out / "export"
+    config = read_converted_config(export)
+    assert (config.attention, config.group_size, config.window_size) == ("cca", 4, 8)
+    assert config.param_dtype == "float32" and config.remat == "none"
+    model = from_pretrained(export, attention="cca", group_size=4, window_size=8)
+    tokenizer = load_tokenizer(export)
+    stream = data.tokenize_stream(data.load_texts(tiny.eval), tokenizer,
+                                  tokenizer.eos_token_id)
+    tokens = data.eval_sequences(data.PackedTokens(stream, 32), 8)
+    total, count = token_nll(model, jnp.asarray(tokens), 1024)
+    final = read_jsonl(out / "eval.jsonl")[-1]
+    assert abs(float(total) / count - final["loss"]) < 1e-4
+
+    hf_dir = converted_to_hf(export, tmp_path / "hf")
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
+
+
 def test_4x2_gives_the_step_1_loss_of_8x1(runs, run_8x1):
     out, result = runs["4x2"]
     assert result.returncode == 0, result.stdout + result.stderr
