@@ -439,8 +439,8 @@ def _block_slice(array, block: int, index, limit: int):
     return jax.lax.dynamic_slice_in_dim(array, start, block, axis=1), start
 
 
-def _chunk_attention(q, positions, *, keys, values, key_mask, n_keys, block_k, core=None):
-    """Attention of a block of queries q [B, Q, H, d] at `positions` [B, Q] over keys [B, N,
+def _chunk_attention(q, *, keys, values, key_mask, n_keys, block_k, core=None):
+    """Attention of a block of queries q [B, Q, H, d] over keys [B, N,
     Hkv, d] (and optionally core tokens), one softmax, blocked over the keys so that no [Q, N]
     array exists. key_mask(key_positions [Kb]) -> visible [B, Q, Kb] for keys; n_keys: a
     traced int, how many leading keys can be visible (the loop stops there). core: None or
@@ -530,7 +530,7 @@ def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q
             qb = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
             pb = jax.lax.dynamic_slice_in_dim(pos_p, i * bq, bq, axis=1)
             return _chunk_attention(
-                qb, pb, keys=cache_k, values=cache_v,
+                qb, keys=cache_k, values=cache_v,
                 key_mask=lambda n: n[None, None, :] <= pb[:, :, None],
                 n_keys=jnp.minimum(pb.max() + 1, M), block_k=block_k)
 
@@ -626,7 +626,7 @@ def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q
         core = None
         if C:
             core = (core_k, core_v, counts, jnp.minimum(counts.max(), C))
-        return _chunk_attention(qb, pb, keys=kb, values=vb, key_mask=key_mask, n_keys=window,
+        return _chunk_attention(qb, keys=kb, values=vb, key_mask=key_mask, n_keys=window,
                                 block_k=block_k, core=core)
 
     out = jax.lax.map(query_block, jnp.arange(n_blocks))
@@ -744,13 +744,23 @@ def prefill(model, spec: CacheSpec, input_ids, lengths, *, chunk_size: int | Non
     cache = init_cache(spec)
     logits = None
     for first in range(0, L, chunk):
-        ids = input_ids[:, first:first + chunk]
-        counts = jnp.clip(lengths - first, 0, ids.shape[1])
-        chunk_logits, cache = model(ids, cache=cache, counts=counts, cache_empty=first == 0)
-        ends_here = (counts > 0) & (lengths <= first + ids.shape[1])
-        logits = chunk_logits if logits is None else jnp.where(ends_here[:, None],
-                                                               chunk_logits, logits)
+        logits, cache = prefill_chunk(model, cache, logits, input_ids[:, first:first + chunk],
+                                      lengths, first, empty=first == 0)
     return logits, cache
+
+
+def prefill_chunk(model, cache: DecodeCache, logits, ids, lengths, first, *, empty: bool):
+    """One prompt chunk: ids [B, T] are the columns first .. first + T - 1 of right-aligned
+    prompts of `lengths`; each row appends its real tokens among them. logits [B, vocab] (or
+    None before the first chunk) keeps each row's last prompt token's logits. Returns
+    (logits, cache)."""
+    T = ids.shape[1]
+    counts = jnp.clip(lengths - first, 0, T)
+    chunk_logits, cache = model(ids, cache=cache, counts=counts, cache_empty=empty)
+    if logits is None:
+        return chunk_logits, cache
+    ends_here = (counts > 0) & (lengths <= first + T)
+    return jnp.where(ends_here[:, None], chunk_logits, logits), cache
 
 
 def decode_step(model, cache: DecodeCache, tokens, *, implementation: str = "jnp",

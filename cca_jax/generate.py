@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cca_jax.cache import (CacheSpec, cache_bytes_for, init_cache, normalize_padding,
-                           resolve_decode_implementation)
+from cca_jax.cache import (CacheSpec, _check_int, cache_bytes_for, init_cache,
+                           normalize_padding, prefill_chunk, resolve_decode_implementation)
 from cca_jax.llama import check_token_ids
 
 
@@ -90,18 +90,11 @@ def sample_next_token(logits, key, temperature, top_p):
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "empty"),
                    donate_argnames=("cache",))
 def _prefill_chunk_jit(graphdef, state, cache, logits, ids, lengths, first, *, spec, empty):
-    """One prompt chunk (ids [B, T], the columns first .. first + T - 1 of the prompts)
-    appended to the cache; logits [B, vocab] keeps each row's last prompt token's logits."""
-    model = nnx.merge(graphdef, state)
-    T = ids.shape[1]
-    counts = jnp.clip(lengths - first, 0, T)
+    """One prompt chunk (`cca_jax.cache.prefill_chunk`); the first makes the cache."""
     if empty:
         cache = init_cache(spec)
-    chunk_logits, cache = model(ids, cache=cache, counts=counts, cache_empty=empty)
-    ends_here = (counts > 0) & (lengths <= first + T)
-    if logits is None:
-        return chunk_logits, cache
-    return jnp.where(ends_here[:, None], chunk_logits, logits), cache
+    return prefill_chunk(nnx.merge(graphdef, state), cache, logits, ids, lengths, first,
+                         empty=empty)
 
 
 @jax.jit
@@ -226,12 +219,6 @@ def largest_batch(config, max_length: int, attention: str | None = None,
     return max(0, int(0.95 * (limit - in_use) // per_sequence))
 
 
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
 class CachedGeneration:
     """One cached generation run: iterate to get each step's new token ids [B] (numpy int32).
 
@@ -257,8 +244,9 @@ class CachedGeneration:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if prefill_chunk is not None:
-            _check_positive("prefill_chunk", prefill_chunk)
-        self.decode_chunk = _check_positive("decode_chunk", decode_chunk)
+            _check_int("prefill_chunk", prefill_chunk)
+        _check_int("decode_chunk", decode_chunk)
+        self.decode_chunk = int(decode_chunk)
         config = model.config
         eos = sorted({int(t) for t in np.atleast_1d(np.asarray(eos_token_ids, np.int64))})
         if any(t < 0 or t >= config.vocab_size for t in eos):
