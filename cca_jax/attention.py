@@ -122,7 +122,9 @@ def _cca_pallas(q, k, v, *, group_size, window_size, scale, interpret):
                                 interpret=interpret)
 
 
-def _cudnn_supported(q) -> bool:
+def cudnn_supported(q) -> bool:
+    """Whether cuDNN's fused attention can run q here (a GPU, bf16/fp16, head_dim <= 128, a
+    multiple of 8)."""
     return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
 
@@ -137,9 +139,9 @@ def causal_attention(q, k, v, *, scale: float | None = None, implementation: str
     _check_implementation(implementation, CAUSAL_IMPLEMENTATIONS)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if implementation == "auto":
-        implementation = "cudnn" if _cudnn_supported(q) else "xla"
+        implementation = "cudnn" if cudnn_supported(q) else "xla"
     if implementation == "cudnn":
-        if not _cudnn_supported(q):
+        if not cudnn_supported(q):
             raise ValueError("implementation='cudnn' needs a GPU backend, bf16/fp16 inputs and "
                              f"head_dim <= 128 (multiple of 8); got backend "
                              f"{jax.default_backend()!r}, dtype {q.dtype}, head_dim {q.shape[-1]}")

@@ -10,11 +10,7 @@ heads, d = head dim, g / w = group size / window):
                                      = floor((max_length - w) / g): the most any query sees.
     raw_k, raw_v     [B, R, Hkv, d] model dtype. Ring of raw keys/values: position n lives in
                                    slot n % R, R = min(w + g, max_length). It always holds
-                                   every position not yet covered by a visible core token.
-    pool_weights     [B, P, H, g]  float32. Pooling weights (SPEC section 1: the softmax of
-                                   the group's last query against its keys) of the groups
-                                   that are complete but not yet visible, group j in slot
-                                   j % P, P = min(ceil(w / g), max_length // g).
+                                   every position a query may still see raw.
 `FullLayerCache` (per layer)
     k, v             [B, max_length, Hkv, d]; position n in slot n.
 `DecodeCache`
@@ -23,23 +19,24 @@ heads, d = head dim, g / w = group size / window):
     spec             `CacheSpec` (static, not a leaf)
 
 Per decoded token at position t (SPEC section 5): its k, v go to raw slot t % R; if t closes
-a group (`(t + 1) % g == 0`) its query weighs that group and the weights are kept; when
-c(t) = `visible_core_count(t, g, w)` grows, the group that just became visible is pooled
-from the raw ring with its kept weights into core slot c(t) - 1 (the raw slots it covered
-are then free and get overwritten by later positions). The query attends, in one softmax, to
-core slots j < c(t) and the raw slots holding positions c(t) * g .. t (`cca_kernels.decode`).
+group j (`(t + 1) % g == 0`, j = (t + 1) / g - 1), its query weighs the group's keys (all
+still in the ring) and the group's core token is pooled at once into core slot j (groups
+j >= C never become visible and are not stored). A slot is written before any query can see
+it: query t sees core slots j < c(t) = `visible_core_count(t, g, w)`, groups that closed
+at least w positions earlier, and the raw slots holding positions c(t) * g .. t, all in one
+softmax (`cca_kernels.decode`). Pooling at closing time computes the same products as
+pooling when the group becomes visible, with no pooling weights to keep in between.
 Cache bytes per layer and sequence: (w + g) * Hkv * d * 2 + floor((L - w) / g) * H * d * 2
-values (SPEC section 5) plus P * H * g float32 weights.
+values (SPEC section 5).
 
 Sequences of different lengths: the prompts are right-aligned to start at column 0 (see
 `normalize_padding`); each sequence has its own `lengths` entry, its own positions starting
 at 0 and its own visibility, so padding never reaches a core token or a softmax.
 
-The forward passes walk the model's own submodules (embed_tokens, layers[i].input_layernorm,
-self_attn.project_qkv, self_attn.o_proj, post_attention_layernorm, mlp, norm, logits), so
-they compute exactly what `LlamaForCausalLM.__call__` computes, one token at a time. (One
-exception by construction: "dynamic" NTK RoPE scales with the static length of the call, so
-past max_position_embeddings a decode step and a full pass rotate differently, as in
+One forward path: `LlamaForCausalLM.__call__(ids, cache=...)` threads a cache through the
+same decoder modules that training uses; `attend_cached` is the attention step of one layer.
+(One exception by construction: "dynamic" NTK RoPE scales with the static length of the
+call, so past max_position_embeddings a decode step and a full pass rotate differently, as in
 transformers.) Decode steps must keep every length below `max_length`: inside jit nothing
 can be checked, and `cca_jax.generate` sizes the cache so that it never happens.
 """
@@ -106,11 +103,6 @@ class CacheSpec:
         """R: raw ring slots (w + g, or max_length if that is smaller)."""
         return min(self.window_size + self.group_size, self.max_length)
 
-    @property
-    def pending_capacity(self) -> int:
-        """P: complete-but-not-yet-visible groups kept as pooling weights."""
-        return min(-(-self.window_size // self.group_size), self.max_length // self.group_size)
-
     @classmethod
     def for_model(cls, config, batch_size: int, max_length: int, attention: str | None = None):
         """The spec of a cache for a `LlamaConfig`; attention None means config.attention."""
@@ -128,7 +120,6 @@ class CCALayerCache:
     core_v: jax.Array
     raw_k: jax.Array
     raw_v: jax.Array
-    pool_weights: jax.Array
 
 
 @struct.dataclass
@@ -153,13 +144,12 @@ def init_cache(spec: CacheSpec) -> DecodeCache:
             shape = (B, spec.max_length, Hkv, d)
             return FullLayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
     else:
-        C, R, P = spec.core_capacity, spec.raw_capacity, spec.pending_capacity
+        C, R = spec.core_capacity, spec.raw_capacity
 
         def layer():
             return CCALayerCache(
                 core_k=jnp.zeros((B, C, H, d), dtype), core_v=jnp.zeros((B, C, H, d), dtype),
-                raw_k=jnp.zeros((B, R, Hkv, d), dtype), raw_v=jnp.zeros((B, R, Hkv, d), dtype),
-                pool_weights=jnp.zeros((B, P, H, spec.group_size), jnp.float32))
+                raw_k=jnp.zeros((B, R, Hkv, d), dtype), raw_v=jnp.zeros((B, R, Hkv, d), dtype))
     return DecodeCache(layers=tuple(layer() for _ in range(spec.num_layers)),
                        lengths=jnp.zeros((B,), jnp.int32), spec=spec)
 
@@ -299,8 +289,8 @@ def prefill_layer(spec: CacheSpec, q, k, v, lengths):
                                                       0, axis=1)
         return FullLayerCache(k=cache_k, v=cache_v)
 
-    g, w = spec.group_size, spec.window_size
-    C, R, P = spec.core_capacity, spec.raw_capacity, spec.pending_capacity
+    g = spec.group_size
+    C, R = spec.core_capacity, spec.raw_capacity
     scale = 1.0 / math.sqrt(d)
     last = lengths.astype(jnp.int32) - 1
     # Raw ring: slot s holds the latest position n <= last with n % R == s.
@@ -312,30 +302,18 @@ def prefill_layer(spec: CacheSpec, q, k, v, lengths):
 
     core_k = jnp.zeros((B, C, H, d), dtype)
     core_v = jnp.zeros((B, C, H, d), dtype)
-    pool_weights = jnp.zeros((B, P, H, g), jnp.float32)
-    J = L // g   # complete groups in the (padded) prompt block
-    if J:
-        k_group = k[:, :J * g].reshape(B, J, g, spec.num_kv_heads, d)
-        v_group = v[:, :J * g].reshape(B, J, g, spec.num_kv_heads, d)
-        weights = _group_weights(q[:, g - 1:J * g:g], k_group, scale)
-        # Core tokens visible to row b's last query (c(last_b) <= c(L - 1)); slots beyond a
-        # row's count hold padding-derived values that are never visible and are overwritten
-        # before they become so.
-        n_core = visible_core_count(L - 1, g, w)
-        if n_core:
-            ck, cv = _pool(weights[:, :n_core], k_group[:, :n_core], v_group[:, :n_core],
-                           dtype)
-            core_k = core_k.at[:, :n_core].set(ck)
-            core_v = core_v.at[:, :n_core].set(cv)
-        if P:
-            # Pending slot u holds the latest complete group j with j % P == u.
-            closed = lengths.astype(jnp.int32) // g
-            u = jnp.arange(P, dtype=jnp.int32)
-            group = (closed - 1)[:, None] - ((closed - 1)[:, None] - u[None, :]) % P
-            take = jnp.clip(group, 0, J - 1)[:, :, None, None]
-            pool_weights = jnp.take_along_axis(weights, take, axis=1).astype(jnp.float32)
-    return CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v,
-                         pool_weights=pool_weights)
+    n = min(L // g, C)   # complete groups of the (padded) prompt block that have a slot
+    if n:
+        # Every closed group is pooled now. Slots at or past a row's own closed groups hold
+        # padding-derived values: the row closes those groups (and rewrites the slots) before
+        # any of its queries can see them.
+        k_group = k[:, :n * g].reshape(B, n, g, spec.num_kv_heads, d)
+        v_group = v[:, :n * g].reshape(B, n, g, spec.num_kv_heads, d)
+        weights = _group_weights(q[:, g - 1:n * g:g], k_group, scale)
+        ck, cv = _pool(weights, k_group, v_group, dtype)
+        core_k = core_k.at[:, :n].set(ck)
+        core_v = core_v.at[:, :n].set(cv)
+    return CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v)
 
 
 def decode_layer(spec: CacheSpec, layer_cache, q, k, v, positions, *,
@@ -361,40 +339,25 @@ def decode_layer(spec: CacheSpec, layer_cache, q, k, v, positions, *,
         return out, FullLayerCache(k=cache_k, v=cache_v)
 
     g, w = spec.group_size, spec.window_size
-    C, R, P = spec.core_capacity, spec.raw_capacity, spec.pending_capacity
+    C, R = spec.core_capacity, spec.raw_capacity
     raw_k = _rows_set(layer_cache.raw_k, t % R, k.astype(dtype))
     raw_v = _rows_set(layer_cache.raw_v, t % R, v.astype(dtype))
-    count = visible_core_count(t, g, w)
-    core_k, core_v, pool_weights = layer_cache.core_k, layer_cache.core_v, layer_cache.pool_weights
-    offsets = jnp.arange(g, dtype=jnp.int32)
-
-    def group_kv(j):
-        """Keys/values [B, 1, g, Hkv, d] of group j[b] from the raw ring."""
-        take = ((j[:, None] * g + offsets[None, :]) % R)[:, :, None, None]
-        return (jnp.take_along_axis(raw_k, take, axis=1)[:, None],
-                jnp.take_along_axis(raw_v, take, axis=1)[:, None])
-
+    core_k, core_v = layer_cache.core_k, layer_cache.core_v
     if C:
-        # A group becomes visible (c grows by one) at most once per token: pool it from the
-        # raw ring with the weights kept when it closed (read before this token's own
-        # weights are stored: with w % g == 0 they share a pending slot).
-        became_visible = count > visible_core_count(t - 1, g, w)
-        j = jnp.maximum(count - 1, 0)
-        k_group, v_group = group_kv(j)
-        weights = _rows_get(pool_weights, j % P)[:, None]
+        # This token closes group j = (t + 1) / g - 1 when (t + 1) % g == 0: its query weighs
+        # the group's keys (the last g ring slots) and the core token goes to slot j at once.
+        closes = ((t + 1) % g == 0) & ((t + 1) // g <= C)
+        j = jnp.clip((t + 1) // g - 1, 0, C - 1)
+        take = ((j[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]) % R)
+        take = take[:, :, None, None]
+        k_group = jnp.take_along_axis(raw_k, take, axis=1)[:, None]    # [B, 1, g, Hkv, d]
+        v_group = jnp.take_along_axis(raw_v, take, axis=1)[:, None]
+        weights = _group_weights(q[:, None], k_group, scale)
         ck, cv = _pool(weights, k_group, v_group, dtype)
-        keep = became_visible[:, None, None]
+        keep = closes[:, None, None]
         core_k = _rows_set(core_k, j, jnp.where(keep, ck[:, 0], _rows_get(core_k, j)))
         core_v = _rows_set(core_v, j, jnp.where(keep, cv[:, 0], _rows_get(core_v, j)))
-    if P:
-        # This token closes group (t + 1) / g - 1: its query weighs the group's keys.
-        closes = (t + 1) % g == 0
-        closing = jnp.maximum((t + 1) // g - 1, 0)
-        k_group, _ = group_kv(closing)
-        weights = _group_weights(q[:, None], k_group, scale)[:, 0]
-        slot = closing % P
-        pool_weights = _rows_set(pool_weights, slot, jnp.where(
-            closes[:, None, None], weights, _rows_get(pool_weights, slot)))
+    count = visible_core_count(t, g, w)
 
     # Slot s holds the latest position n <= t with n % R == s; visible iff n >= c(t) * g.
     slot = jnp.arange(R, dtype=jnp.int32)
@@ -404,8 +367,7 @@ def decode_layer(spec: CacheSpec, layer_cache, q, k, v, positions, *,
         out = attend(q, raw_k, raw_v, valid, core_k, core_v, count, scale=scale)
     else:
         out = attend(q, raw_k, raw_v, valid, scale=scale)
-    return out, CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v,
-                              pool_weights=pool_weights)
+    return out, CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v)
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,8 +455,58 @@ def _scatter_rows(array, index, values):
     return array.at[rows, index].set(values.astype(array.dtype), mode="drop")
 
 
+FULL_APPEND_IMPLEMENTATIONS = ("blocked", "cudnn", "xla")
+
+
+def _attention_lse(q, k, v, kv_lengths, *, causal: bool, implementation: str):
+    """Softmax attention of q [B, T, H, d] over k, v [B, S, Hkv, d] (GQA) with each query's
+    log-sum-exp of its scaled scores: (out [B, T, H, d] in q.dtype, lse [B, T, H] float32).
+    causal: query i sees keys 0 .. i; otherwise row b sees keys 0 .. kv_lengths[b] - 1.
+    "cudnn": cuDNN's fused kernel (its float32 softmax statistics; jax.nn's wrapper rounds
+    them to the output dtype, too coarse to merge bf16 parts, so the cuDNN call is jax's own
+    one underneath it). "xla": jax.nn's XLA path, which builds [T, S] scores (tests)."""
+    B, T = q.shape[:2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if implementation == "xla":
+        out, lse = jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=causal,
+            key_value_seq_lengths=None if causal else kv_lengths, implementation="xla",
+            return_residual=True)
+        return out, lse.astype(jnp.float32)
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    if causal:
+        out, lse = cudnn_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL,
+                                   return_residual=True)
+    else:
+        out, lse = cudnn_attention(q, k, v, None, None, jnp.full((B,), T, jnp.int32),
+                                   kv_lengths.astype(jnp.int32), scale=scale,
+                                   mask_type=MaskType.PADDING, return_residual=True)
+    return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)     # cuDNN's is [B, H, T]
+
+
+def _append_full_merged(q, cache_k, cache_v, k, v, start, implementation: str):
+    """Full attention of a chunk (q [B, T, H, d], its own k, v [B, T, Hkv, d]) whose rows
+    start at positions `start` [B], with the cache (cache_k, cache_v [B, M, Hkv, d]) holding
+    positions 0 .. start - 1: one fused call over the cached prefix (no mask, start keys per
+    row), one causal call over the chunk itself, and the two merged by their log-sum-exp
+    (one softmax over both, computed in float32)."""
+    has_prefix = start > 0
+    out_prefix, lse_prefix = _attention_lse(q, cache_k, cache_v, jnp.maximum(start, 1),
+                                            causal=False, implementation=implementation)
+    out_self, lse_self = _attention_lse(q, k, v, None, causal=True,
+                                        implementation=implementation)
+    lse_prefix = jnp.where(has_prefix[:, None, None], lse_prefix, -jnp.inf)
+    top = jnp.maximum(lse_prefix, lse_self)
+    a_prefix = jnp.exp(lse_prefix - top)[..., None]
+    a_self = jnp.exp(lse_self - top)[..., None]
+    out = (out_prefix.astype(jnp.float32) * a_prefix + out_self.astype(jnp.float32) * a_self)
+    return (out / (a_prefix + a_self)).astype(q.dtype)
+
+
 def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q: int = 256,
-                 block_k: int = 512):
+                 block_k: int = 512, full_implementation: str = "blocked"):
     """Append a chunk of T tokens per sequence to a layer cache and attend with their queries.
 
     q [B, T, H, d] (after RoPE), k, v [B, T, Hkv, d]: the chunk's columns i = 0 .. T - 1 are
@@ -504,6 +516,9 @@ def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q
     layer cache). Computes exactly what `prefill_layer` followed by decode steps computes
     (SPEC sections 2 and 5), blocked: the queries in blocks of `block_q`, the keys of each
     block in blocks of `block_k` with an online softmax, so no [T, T] or [T, L] array exists.
+    Full attention can instead run `full_implementation` "cudnn" (a GPU: two fused cuDNN
+    calls merged by log-sum-exp, `_append_full_merged`) or "xla" (the same merge over XLA
+    attention, which builds [T, L] scores: for tests).
     """
     B, T, H, d = q.shape
     dtype = jnp.dtype(spec.dtype)
@@ -524,6 +539,14 @@ def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q
         index = jnp.where(real, positions, M)
         cache_k = _scatter_rows(layer_cache.k, index, k)
         cache_v = _scatter_rows(layer_cache.v, index, v)
+        if full_implementation != "blocked":
+            if full_implementation not in FULL_APPEND_IMPLEMENTATIONS:
+                raise ValueError(f"full_implementation must be one of "
+                                 f"{FULL_APPEND_IMPLEMENTATIONS}, got {full_implementation!r}")
+            # The prefix call reads `start` keys per row: not this chunk's, written above.
+            out = _append_full_merged(q, cache_k, cache_v, k.astype(dtype), v.astype(dtype),
+                                      start, full_implementation)
+            return out, FullLayerCache(k=cache_k, v=cache_v)
         qp, pos_p = pad_t(q), pad_t(positions)
 
         def query_block(i):
@@ -539,12 +562,11 @@ def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q
         return out, FullLayerCache(k=cache_k, v=cache_v)
 
     g, w = spec.group_size, spec.window_size
-    C, R, P = spec.core_capacity, spec.raw_capacity, spec.pending_capacity
+    C, R = spec.core_capacity, spec.raw_capacity
     scale = 1.0 / math.sqrt(d)
-    end = start + count
     # The chunk's keys/values behind the ring's: positions start - R .. start + T - 1 (the
-    # ring holds every position a query of the chunk can see raw, and every group that
-    # becomes visible during the chunk).
+    # ring holds every position a query of the chunk can see raw, and the rest of every
+    # group that closes during the chunk).
     previous = ((start[:, None] - R + jnp.arange(R, dtype=jnp.int32)[None, :]) % R)
     ext_k = jnp.concatenate([jnp.take_along_axis(layer_cache.raw_k, previous[:, :, None, None],
                                                  axis=1), k.astype(dtype)], axis=1)
@@ -552,53 +574,28 @@ def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q
                                                  axis=1), v.astype(dtype)], axis=1)
     E = R + T
 
-    def ext_group(first):
-        """Keys/values [B, J, g, Hkv, d] of the groups whose first position is first [B, J]."""
-        index = first - start[:, None] + R                     # ext column of that position
-        take = jnp.clip(index[:, :, None] + jnp.arange(g)[None, None, :], 0, E - 1)
-        take = take.reshape(B, -1)[:, :, None, None]
-        shape = (B, first.shape[1], g) + ext_k.shape[2:]
-        return (jnp.take_along_axis(ext_k, take, axis=1).reshape(shape),
-                jnp.take_along_axis(ext_v, take, axis=1).reshape(shape))
-
     core_k, core_v = layer_cache.core_k, layer_cache.core_v
-    pool_weights = layer_cache.pool_weights
-    if P:
-        # Groups that close inside the chunk (at most ceil(T / g)): their last query weighs them.
+    if C:
+        # Groups that close inside the chunk (at most ceil(T / g)): their last query weighs
+        # them and their core tokens go to their slots now (before any query can see them).
         K = -(-T // g)
         first_close = (g - 1 - start) % g                      # column of the first closing
         close_col = first_close[:, None] + g * jnp.arange(K, dtype=jnp.int32)[None, :]
-        closes = close_col < count[:, None]
         closed_group = (start[:, None] + close_col + 1) // g - 1         # [B, K]
+        stored = (close_col < count[:, None]) & (closed_group < C)
         q_close = jnp.take_along_axis(q, jnp.clip(close_col, 0, T - 1)[:, :, None, None],
                                       axis=1)
-        k_group, _ = ext_group(closed_group * g)
-        close_weights = _group_weights(q_close, k_group, scale).astype(jnp.float32)
-    if C:
-        # Groups that become visible during the chunk: c(start - 1) <= j < c(end - 1).
-        visible_before = visible_core_count(start - 1, g, w)
-        visible_after = visible_core_count(end - 1, g, w)
-        J = T // g + 1
-        group = visible_before[:, None] + jnp.arange(J, dtype=jnp.int32)[None, :]
-        new = group < visible_after[:, None]
-        closed_before = (group + 1) * g - 1 < start[:, None]
-        kept = jnp.take_along_axis(pool_weights, (group % P)[:, :, None, None], axis=1)
-        in_chunk = jnp.clip(((group + 1) * g - 1 - start[:, None] - first_close[:, None]) // g,
-                            0, K - 1)
-        fresh = jnp.take_along_axis(close_weights, in_chunk[:, :, None, None], axis=1)
-        weights = jnp.where(closed_before[:, :, None, None], kept, fresh)
-        k_group, v_group = ext_group(group * g)
-        ck, cv = _pool(weights, k_group, v_group, dtype)
-        slot = jnp.where(new, group, C)
+        # Keys/values [B, K, g, Hkv, d] of those groups, from their ext columns.
+        first = closed_group * g - start[:, None] + R
+        take = jnp.clip(first[:, :, None] + jnp.arange(g)[None, None, :], 0, E - 1)
+        take = take.reshape(B, -1)[:, :, None, None]
+        shape = (B, K, g) + ext_k.shape[2:]
+        k_group = jnp.take_along_axis(ext_k, take, axis=1).reshape(shape)
+        v_group = jnp.take_along_axis(ext_v, take, axis=1).reshape(shape)
+        ck, cv = _pool(_group_weights(q_close, k_group, scale), k_group, v_group, dtype)
+        slot = jnp.where(stored, closed_group, C)
         core_k = _scatter_rows(core_k, slot, ck)
         core_v = _scatter_rows(core_v, slot, cv)
-    if P:
-        # Keep the weights of the groups still waiting to become visible after the chunk
-        # (at most ceil(w / g) of them, so their slots j % P are distinct).
-        still_pending = closes & (closed_group >= visible_core_count(end - 1, g, w)[:, None])
-        pool_weights = _scatter_rows(pool_weights,
-                                     jnp.where(still_pending, closed_group % P, P),
-                                     close_weights)
     # The ring keeps the last R real positions: slot n % R.
     ring = jnp.where(real & (column[None, :] >= count[:, None] - R), positions % R, R)
     raw_k = _scatter_rows(layer_cache.raw_k, ring, k)
@@ -631,8 +628,7 @@ def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q
 
     out = jax.lax.map(query_block, jnp.arange(n_blocks))
     out = out.transpose(1, 0, 2, 3, 4).reshape(B, Tp, H, d)[:, :T]
-    return out, CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v,
-                              pool_weights=pool_weights)
+    return out, CCALayerCache(core_k=core_k, core_v=core_v, raw_k=raw_k, raw_v=raw_v)
 
 
 # ---------------------------------------------------------------------------------------
@@ -695,8 +691,18 @@ def attend_cached(step: CacheStep, layer_cache, q, k, v, *, implementation: str 
                                       interpret=step.interpret)
         return out[:, None], new_cache
     block_q, block_k = append_blocks(q.shape[0], q.shape[2], T)
+    full_implementation = "blocked"
+    if spec.attention == "full" and implementation in ("auto", "pallas", "cudnn"):
+        from cca_jax.attention import cudnn_supported
+
+        # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
+        if cudnn_supported(q):
+            full_implementation = "cudnn"
+        elif implementation == "cudnn":
+            raise ValueError("implementation='cudnn' needs a GPU backend, bf16/fp16 inputs and "
+                             "head_dim <= 128 (multiple of 8)")
     return append_layer(spec, layer_cache, q, k, v, step.start, step.count, block_q=block_q,
-                        block_k=block_k)
+                        block_k=block_k, full_implementation=full_implementation)
 
 
 def append_blocks(batch: int, heads: int, length: int) -> tuple[int, int]:

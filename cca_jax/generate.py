@@ -164,19 +164,35 @@ class GenerationStats:
         return steps / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-# Activation bytes per prompt token of one chunk, per (hidden + intermediate) value of the
-# model dtype: measured on an H200 for the LLaMA2-7B shape in bfloat16 (about 0.55 MB per
-# token, one-shot prefill of 262,144 tokens asking for 145 GiB with weights and caches).
-ACTIVATION_BYTES_PER_WIDTH = 18
+# Peak memory of a prefill chunk beyond the weights and the cache, read from the compiled
+# programs' memory analysis on an H200 (LLaMA2-7B shape, bf16, 2026-12-04; CCA and full, the
+# first chunk or a later one; measurements in cca_kernels/NOTES.md): about 100 KB per
+# prompt token, i.e. 3.3-3.5 bytes per (hidden + intermediate) value of the model dtype, plus
+# a fixed part that grows with the number of layers, about 0.64 x the layers' weight bytes
+# (XLA merges the projections that share an input and keeps the merged weights for the whole
+# program): 1.6 GiB of temporaries for 2 layers at 16K tokens, 9.1 GiB for 32 layers.
+ACTIVATION_BYTES_PER_WIDTH = 4
+FIXED_WEIGHT_FRACTION = 0.75
 CPU_PREFILL_CHUNK = 4096
 
 
 def activation_bytes_per_token(config) -> int:
-    """Estimated peak activation bytes per prompt token of a prefill chunk (see
+    """Estimated activation bytes per prompt token of a prefill chunk (see
     ACTIVATION_BYTES_PER_WIDTH)."""
     itemsize = jnp.dtype(config.dtype).itemsize
     return ACTIVATION_BYTES_PER_WIDTH * itemsize * (config.hidden_size
                                                     + config.intermediate_size)
+
+
+def prefill_fixed_bytes(config) -> int:
+    """Estimated part of a prefill chunk's temporaries that does not depend on its width:
+    FIXED_WEIGHT_FRACTION of the decoder layers' weights in the model dtype."""
+    hidden, d = config.hidden_size, config.head_size
+    heads, kv_heads = config.num_attention_heads, config.kv_heads
+    per_layer = (hidden * (heads + 2 * kv_heads) * d + heads * d * hidden
+                 + 3 * hidden * config.intermediate_size)
+    weights = config.num_hidden_layers * per_layer * jnp.dtype(config.dtype).itemsize
+    return int(FIXED_WEIGHT_FRACTION * weights)
 
 
 def device_memory_bytes() -> tuple[int, int] | None:
@@ -191,23 +207,25 @@ def device_memory_bytes() -> tuple[int, int] | None:
 def auto_prefill_chunk(config, spec: CacheSpec, memory: tuple[int, int] | None = None,
                        *, multiple: int = 512) -> int:
     """Prompt columns per prefill chunk: on an accelerator, the widest multiple of
-    `multiple` whose estimated activations (batch x columns x activation_bytes_per_token)
-    fit in 80% of the memory left once the cache is allocated (the weights are already in
-    use); at least `multiple`. Without memory statistics (the CPU): CPU_PREFILL_CHUNK."""
+    `multiple` whose estimated temporaries (`prefill_fixed_bytes` + batch x columns x
+    `activation_bytes_per_token`) fit in 90% of the memory left once the cache is allocated
+    (the weights are already in use); at least `multiple`. Without memory statistics (the
+    CPU): CPU_PREFILL_CHUNK."""
     memory = device_memory_bytes() if memory is None else memory
     if memory is None:
         return CPU_PREFILL_CHUNK
     limit, in_use = memory
-    free = 0.8 * (limit - in_use - cache_bytes_for(spec))
-    columns = int(free // (spec.batch_size * activation_bytes_per_token(config)))
+    free = 0.9 * (limit - in_use - cache_bytes_for(spec)) - prefill_fixed_bytes(config)
+    columns = int(max(free, 0) // (spec.batch_size * activation_bytes_per_token(config)))
     return max(multiple, columns // multiple * multiple)
 
 
 def largest_batch(config, max_length: int, attention: str | None = None,
                   memory: tuple[int, int] | None = None, *, prefill_columns: int = 512) -> int:
-    """The largest batch whose caches of `max_length` positions, plus the activations of a
-    prefill chunk of `prefill_columns` columns (estimated, see activation_bytes_per_token),
-    fit in the device memory left beside what is in use now (load the weights first).
+    """The largest batch whose caches of `max_length` positions, plus the temporaries of a
+    prefill chunk of `prefill_columns` columns (estimated: `prefill_fixed_bytes` once and
+    `activation_bytes_per_token` per row and column), fit in 95% of the device memory left
+    beside what is in use now (load the weights first).
     memory: (bytes the device may allocate, bytes in use), default read from the first
     device. 0 when not even one sequence fits."""
     memory = device_memory_bytes() if memory is None else memory
@@ -216,7 +234,8 @@ def largest_batch(config, max_length: int, attention: str | None = None,
     limit, in_use = memory
     one = CacheSpec.for_model(config, 1, max_length, attention)
     per_sequence = cache_bytes_for(one) + prefill_columns * activation_bytes_per_token(config)
-    return max(0, int(0.95 * (limit - in_use) // per_sequence))
+    room = 0.95 * (limit - in_use) - prefill_fixed_bytes(config)
+    return max(0, int(room // per_sequence))
 
 
 class CachedGeneration:
@@ -280,9 +299,15 @@ class CachedGeneration:
         self.max_new_tokens = int(max_new_tokens)
         self.prefill_chunk = (int(prefill_chunk) if prefill_chunk is not None
                               else auto_prefill_chunk(config, self.spec))
-        # Prompt chunks of equal width (the last padded): one compiled chunk function.
+        # Prompt chunks of equal width (the last padded): one compiled chunk function. The
+        # automatic width is spread evenly over the chunks it needs (a multiple of 128), so
+        # that the last chunk is not mostly padding.
         self.chunk_width = min(self.prefill_chunk, width)
         self.n_chunks = -(-width // self.chunk_width)
+        if prefill_chunk is None and self.n_chunks > 1:
+            even = -(-width // self.n_chunks)
+            self.chunk_width = min(-(-even // 128) * 128, self.chunk_width)
+            self.n_chunks = -(-width // self.chunk_width)
         self.graphdef, self.state = nnx.split(model)
         self.key = jax.random.PRNGKey(int(seed))
         self.stats = GenerationStats(prompt_tokens=width, cache_bytes=cache_bytes_for(self.spec),
@@ -616,7 +641,7 @@ def closing_report(stats: GenerationStats, max_length: int, stopped: str = "") -
             lines.append(f"decode: {stats.new_tokens} token{stopped}, from the prefill; no "
                          "decode step")
     change = 1 - stats.cache_bytes / stats.full_cache_bytes
-    # At short lengths the CCA cache (a ring of w + g raw slots, pending pooling weights)
+    # At short lengths the CCA cache (a ring of w + g raw slots)
     # can be larger than a full cache of the same length.
     relation = f"{100 * change:.1f}% less" if change >= 0 else f"{-100 * change:.1f}% more"
     lines.append(f"cache: {_format_bytes(stats.cache_bytes)} ({stats.cache_bytes} bytes) for "

@@ -248,6 +248,9 @@ def main(argv=None) -> int:
                        help="real prefills of B prompts of L tokens (then decoding)")
     serve.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
     serve.add_argument("--skip-exactness", action="store_true")
+    serve.add_argument("--bandwidth", type=float, default=None, metavar="TB/s",
+                       help="memory bandwidth of the roofline (default 4.3: the copy ceiling "
+                            "of an H200, bytes read plus written)")
     args = parser.parse_args(argv)
     if args.shape:
         from cca_kernels import bench_serve

@@ -13,7 +13,8 @@ attention kind (one model each):
    decode tokens/s, and the share of the bandwidth roofline: the bytes one decode step must
    read (all weights, plus each row's visible cache: a full cache's t + 1 keys and values,
    CCA's c(t) core tokens per query head and its raw window) over the copy bandwidth
-   measured at the start, against the measured time per step;
+   (--bandwidth, default 4.3 TB/s: DEFAULT_BANDWIDTH_TBPS), against the measured time per
+   step;
 3. batches at each of --batch-lengths: aggregate decode tokens/s at B = 1, 8, 32 and the
    largest batch that fits (`cca_jax.generate.largest_batch`). For these the caches hold
    random values of the right shape (decode speed depends on the cache's shape, not on its
@@ -23,7 +24,6 @@ attention kind (one model each):
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 
@@ -35,27 +35,12 @@ G, W = 16, 1024   # the defaults; run() takes --group-size / --window-size
 SMOKE_MEMORY = (4 * 2 ** 30, 0)   # a pretend device for the CPU smoke run
 
 
-def copy_bandwidth(nbytes: int = 2 ** 32, passes: int = 20, repeats: int = 5) -> float:
-    """Bytes read plus written per second by an element-wise pass over `nbytes` of bf16
-    (read once, written once), `passes` chained in one jitted loop so that dispatch is
-    amortised; median of `repeats`. The trip count is a traced value: with a constant one
-    XLA unrolled the loop and fused the passes into one (a 2026-12-04 run reported 63 TB/s),
-    and a single pass per call measured 2.7 TB/s with dispatch included."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (nbytes // 2,), jnp.bfloat16)
-
-    @jax.jit
-    def chain(x, n):
-        return jax.lax.fori_loop(0, n, lambda i, x: x * jnp.asarray(1.0001, x.dtype), x)
-
-    n = jnp.int32(passes)
-    jax.block_until_ready(chain(x, n))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(chain(x, n))
-        times.append(time.perf_counter() - start)
-    del x
-    return 2 * nbytes * passes / statistics.median(times)
+# The roofline's bandwidth: a device-to-device copy on this H200 kind moves about 4.3 TB/s
+# counting bytes read and written (the device tool's KINDS.md, PyTorch, 8.6 GB in 2.0 ms).
+# Measuring it from JAX here failed twice (2.7 TB/s for one pass per call with dispatch
+# included; 64 TB/s for a loop of element-wise passes that XLA collapsed even with a traced
+# trip count), so it is an argument: --bandwidth TB/s.
+DEFAULT_BANDWIDTH_TBPS = 4.3
 
 
 def step_bytes(config, attention: str, batch: int, position: int, weight_bytes: int) -> int:
@@ -149,7 +134,7 @@ def _roofline(row, config, attention, batch, length, new_tokens, bandwidth, weig
 
 def random_cache(spec, length: int, seed: int = 0):
     """A cache of `spec` whose rows all hold `length` tokens of random values (normal keys,
-    values and core tokens; pooling weights uniform in [0, 1)): what a decode step reads
+    values and core tokens): what a decode step reads
     has the shape of a real prefill's, and no prefill is needed. Every leaf is drawn by its
     own jitted call, so only the cache itself is ever allocated."""
     from cca_jax import cache as cache_lib
@@ -161,8 +146,6 @@ def random_cache(spec, length: int, seed: int = 0):
     for key, leaf in zip(keys, leaves):
         if jnp.issubdtype(leaf.dtype, jnp.integer):          # the lengths
             filled.append(jnp.full(leaf.shape, length, leaf.dtype))
-        elif leaf.dtype == jnp.float32:                        # pooling weights
-            filled.append(jax.jit(lambda k, s=leaf.shape: jax.random.uniform(k, s))(key))
         else:
             filled.append(jax.jit(lambda k, s=leaf.shape, t=leaf.dtype:
                                   jax.random.normal(k, s, t))(key))
@@ -263,12 +246,13 @@ def run(args) -> int:
         args.prefill_batches = ["3:130"]
         memory = None if gpu else SMOKE_MEMORY
     device = jax.devices()[0].device_kind
-    bandwidth = copy_bandwidth(2 ** 24 if args.smoke else 2 ** 31)
-    print(f"device: {device}, jax {jax.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s "
-          f"(read + write); shape {args.shape}, bf16, g={G}, w={W}", flush=True)
+    tbps = DEFAULT_BANDWIDTH_TBPS if args.bandwidth is None else args.bandwidth
+    bandwidth = tbps * 1e12
+    print(f"device: {device}, jax {jax.__version__}; roofline bandwidth {tbps} TB/s "
+          f"(read + write, --bandwidth); shape {args.shape}, bf16, g={G}, w={W}", flush=True)
     results = {"meta": {"device": device, "jax": jax.__version__,
                         "date": time.strftime("%Y-%m-%d"), "shape": args.shape,
-                        "copy_bandwidth": bandwidth, "argv": sys.argv[1:]},
+                        "roofline_bandwidth": bandwidth, "argv": sys.argv[1:]},
                "exactness": [], "rows": []}
 
     def save():

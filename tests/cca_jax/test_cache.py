@@ -98,7 +98,8 @@ def test_cca_cache_decode_equals_full_sequence_reference(B, H, Hkv, d, g, w, pro
                                        np.asarray(core_v[b, :n]), atol=1e-5, rtol=1e-5)
 
 
-def _run_chunks(spec, q, k, v, totals, schedule, *, first_empty, block_q, block_k):
+def _run_chunks(spec, q, k, v, totals, schedule, *, first_empty, block_q, block_k,
+                full_implementation="blocked"):
     """Feed each row's tokens 0 .. totals[b] - 1 through the cache in calls of the widths in
     `schedule` (all rows together, each at its own position; a row that has no tokens left
     gets count 0, a row with fewer than the width gets a ragged count). The first call is
@@ -106,7 +107,8 @@ def _run_chunks(spec, q, k, v, totals, schedule, *, first_empty, block_q, block_
     cache. Returns {(b, t): output at position t} for every t of every row, and the cache."""
     totals = np.asarray(totals)
     B = len(totals)
-    append = jax.jit(append_layer, static_argnums=0, static_argnames=("block_q", "block_k"))
+    append = jax.jit(append_layer, static_argnums=0,
+                     static_argnames=("block_q", "block_k", "full_implementation"))
     prefill = jax.jit(prefill_layer, static_argnums=0)
     cache = init_cache(spec).layers[0]
     done = np.zeros(B, np.int64)
@@ -121,7 +123,8 @@ def _run_chunks(spec, q, k, v, totals, schedule, *, first_empty, block_q, block_
         else:
             out, cache = append(spec, cache, pick(q), pick(k), pick(v),
                                 jnp.asarray(done, jnp.int32), jnp.asarray(count, jnp.int32),
-                                block_q=block_q, block_k=block_k)
+                                block_q=block_q, block_k=block_k,
+                                full_implementation=full_implementation)
             out = np.asarray(out)
             for b in range(B):
                 for i in range(count[b]):
@@ -181,6 +184,28 @@ def test_chunks_equal_the_full_sequence_reference(attention, B, H, Hkv, d, g, w,
                                            np.asarray(core_v[b, :n]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("totals,schedule,first_empty", [
+    ([25, 12, 1], [4, 1, 11, 9], True),      # ragged rows, a width-1 chunk, rows with count 0
+    ([25, 12, 1], [4, 1, 11, 9], False),     # the first chunk appended to an empty cache
+    ([30, 30, 30], [30], False),             # one chunk: every row's prefix is empty
+])
+def test_full_chunks_merged_by_log_sum_exp_equal_the_reference(totals, schedule, first_empty):
+    """The GPU route of full-attention chunks (a fused call over the cached prefix, one over
+    the chunk, merged by log-sum-exp) run with XLA's attention in place of cuDNN's: every
+    position equals causal attention, including rows whose prefix is empty (the merge must
+    drop that call) and padding columns."""
+    B, H, Hkv, d, T = 3, 4, 2, 8, 30
+    q, k, v, _ = random_qkv(23, B, T, H, Hkv, d)
+    spec = _spec("full", B, T, H, Hkv, d, 4, 16)
+    reference = np.asarray(causal_reference(q, k, v, scale=1 / math.sqrt(d)))
+    outputs, _ = _run_chunks(spec, q, k, v, totals, schedule, first_empty=first_empty,
+                             block_q=8, block_k=8, full_implementation="xla")
+    assert len(outputs) == sum(totals) - (sum(min(t, schedule[0]) for t in totals)
+                                          if first_empty else 0)
+    worst = max(np.abs(out - reference[b, t]).max() for (b, t), out in outputs.items())
+    assert worst < 1e-5, worst
+
+
 def test_a_chunk_then_decode_steps_continue_exactly():
     """append_layer leaves the cache that decode_layer continues: chunks, then single-token
     decode steps (the decode path), every output against the reference."""
@@ -216,29 +241,26 @@ def test_full_cache_decode_equals_causal_reference():
     assert worst < 1e-5, worst
 
 
-def test_raw_ring_and_pending_slots_are_large_enough():
-    """Brute force over (g, w) of the ring arithmetic behind R = w + g and P = ceil(w / g).
+def test_raw_ring_is_large_enough_and_core_slots_are_written_before_they_are_seen():
+    """Brute force over (g, w) of the ring arithmetic behind R = w + g and pooling at closing.
 
     After token t is written, the raw ring holds positions t - R + 1 .. t; everything read at
-    step t (the raw window c(t) * g .. t, the group that just became visible, the group that
-    t closes) must lie in it. The weights ring holds the last P groups closed before t; the
-    group pooled at step t must be one of them (it is read before t's own group is added).
+    step t (the raw window c(t) * g .. t and, when t closes a group, that group) must lie in
+    it. Every core slot a query sees, j < c(t), belongs to a group that closed (and was
+    pooled into its slot) at a step before t.
     """
     for g in range(1, 9):
         for w in range(1, 25):
-            spec = _spec("cca", 1, 10 ** 6, 1, 1, 2, g, w)
-            R, P = spec.raw_capacity, spec.pending_capacity
+            R = _spec("cca", 1, 10 ** 6, 1, 1, 2, g, w).raw_capacity
             for t in range(0, 4 * (w + g) + 2 * g):
                 c = visible_core_count(t, g, w)
                 oldest_read = c * g
-                if c > visible_core_count(t - 1, g, w):
-                    j = c - 1
-                    oldest_read = min(oldest_read, j * g)
-                    last_closed_before = t // g - 1
-                    assert last_closed_before - j < P, (g, w, t)
                 if (t + 1) % g == 0:
                     oldest_read = min(oldest_read, t + 1 - g)
                 assert oldest_read >= t - R + 1, (g, w, t)
+                if c:
+                    closed_at = c * g - 1             # step that closed group c - 1
+                    assert closed_at < t, (g, w, t)
 
 
 def test_memory_llama2_7b_at_128k_is_over_90_percent_below_a_full_cache():
@@ -263,9 +285,8 @@ def test_memory_llama2_7b_at_128k_is_over_90_percent_below_a_full_cache():
 ])
 def test_byte_count_matches_spec_section_5(L, g, w, H, Hkv, d, dtype, B, layers):
     """SPEC 5: per layer and sequence (w + g) * Hkv * d * 2 raw values plus
-    floor((L - w) / g) * H * d * 2 core values; on top of that the cache keeps the pooling
-    weights of the pending groups (ceil(w / g) * H * g float32) and one int32 length per
-    sequence. Every leaf is accounted for."""
+    floor((L - w) / g) * H * d * 2 core values, and one int32 length per sequence. Every
+    leaf is accounted for."""
     spec = CacheSpec(attention="cca", batch_size=B, max_length=L, num_layers=layers,
                      num_heads=H, num_kv_heads=Hkv, head_dim=d, group_size=g, window_size=w,
                      dtype=dtype)
@@ -274,11 +295,9 @@ def test_byte_count_matches_spec_section_5(L, g, w, H, Hkv, d, dtype, B, layers)
     layer = shapes.layers[0]
     raw = (w + g) * Hkv * d * 2 * item
     core = ((L - w) // g) * H * d * 2 * item
-    pending = math.ceil(w / g) * H * g * 4
     assert cache_nbytes((layer.raw_k, layer.raw_v)) == B * raw
     assert cache_nbytes((layer.core_k, layer.core_v)) == B * core
-    assert cache_nbytes(layer.pool_weights) == B * pending
-    assert cache_nbytes(shapes) == layers * B * (raw + core + pending) + 4 * B
+    assert cache_nbytes(shapes) == layers * B * (raw + core) + 4 * B
     assert cache_bytes_for(spec) == cache_nbytes(shapes)
     # The real arrays have the same bytes.
     assert sum(x.nbytes for x in jax.tree_util.tree_leaves(init_cache(spec))) == cache_nbytes(

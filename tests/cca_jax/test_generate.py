@@ -289,11 +289,13 @@ def test_cli_zero_new_tokens_reports_no_nan(tiny_converted_dir, capsys):
 
 def test_closing_report_wording(tiny_models):
     """No `nan tokens/s` for one new token (no decode step), and a CCA cache larger than a
-    full one at short lengths (a ring of w + g raw slots) says `% more`, not `-x% less`."""
+    full one says `% more`, not `-x% less` (it happens just past w + g positions when
+    H / Hkv > g / 2: core tokens are kept per query head; here the sizes are set by hand)."""
     from cca_jax.generate import CachedGeneration, closing_report
     session = CachedGeneration(tiny_models["cca"], np.arange(1, 6, dtype=np.int32)[None], 1)
     stats = session.stats
-    assert stats.cache_bytes > stats.full_cache_bytes
+    assert stats.cache_bytes == stats.full_cache_bytes      # 5 positions: all of them raw
+    stats.cache_bytes = stats.full_cache_bytes + 1000
     stats.new_tokens, stats.prefill_s = 1, 0.5
     prefill, decode, cache = closing_report(stats, session.spec.max_length)
     assert "nan" not in decode and "no decode step" in decode
@@ -484,20 +486,42 @@ def test_bad_chunk_and_stop_arguments_are_clear_errors(tiny_models, kwargs, matc
 def test_auto_prefill_chunk_and_largest_batch_follow_memory(tiny_models):
     from cca_jax.cache import CacheSpec, cache_bytes_for
     from cca_jax.generate import (CPU_PREFILL_CHUNK, activation_bytes_per_token,
-                                  auto_prefill_chunk, largest_batch)
+                                  auto_prefill_chunk, largest_batch, prefill_fixed_bytes)
 
     config = tiny_models["cca"].config
     spec = CacheSpec.for_model(config, 2, 1000)
     per_token = activation_bytes_per_token(config)
+    fixed = prefill_fixed_bytes(config)
+    assert fixed > 0
     assert auto_prefill_chunk(config, spec, memory=None) in (CPU_PREFILL_CHUNK,
                                                              auto_prefill_chunk(config, spec))
-    limit = cache_bytes_for(spec) + 2 * 10_000 * per_token
-    chunk = auto_prefill_chunk(config, spec, memory=(limit, 0), multiple=100)
-    assert chunk == 8000      # 80% of the room left by the cache, for 2 rows
+    limit = cache_bytes_for(spec) + (2 * 10_000 * per_token + fixed) / 0.9
+    chunk = auto_prefill_chunk(config, spec, memory=(limit + 2 * per_token, 0), multiple=100)
+    assert chunk == 10_000    # 90% of the room left by the cache, less the fixed part, 2 rows
     assert auto_prefill_chunk(config, spec, memory=(cache_bytes_for(spec), 0)) == 512
     one = cache_bytes_for(CacheSpec.for_model(config, 1, 1000)) + 512 * per_token
-    assert largest_batch(config, 1000, memory=(10 * one, 0)) == 9
-    assert largest_batch(config, 1000, memory=(10 * one, 10 * one)) == 0
+    room = (10 * one + fixed) / 0.95
+    assert largest_batch(config, 1000, memory=(room + 100, 0)) == 10
+    assert largest_batch(config, 1000, memory=(room - 100, 0)) == 9
+    assert largest_batch(config, 1000, memory=(room, room)) == 0
     full_one = cache_bytes_for(CacheSpec.for_model(config, 1, 1000, "full")) + 512 * per_token
-    assert largest_batch(config, 1000, "full", memory=(10 * one, 0)) == int(
-        0.95 * 10 * one // full_one)
+    assert largest_batch(config, 1000, "full", memory=(room, 0)) == int(
+        (0.95 * room - fixed) // full_one)
+
+
+def test_automatic_prefill_chunks_are_even():
+    """The automatic chunk width (CPU: CPU_PREFILL_CHUNK) is spread over the chunks it needs:
+    5,000 columns take two chunks of 2,560, not 4,096 + 904 (3,192 columns of padding);
+    an explicit prefill_chunk is kept as given."""
+    from cca_jax.generate import CPU_PREFILL_CHUNK, CachedGeneration
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         attention="cca", group_size=4, window_size=8)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    ids = np.ones((1, 5000), np.int32)
+    assert CPU_PREFILL_CHUNK == 4096
+    auto = CachedGeneration(model, ids, 1)
+    assert (auto.chunk_width, auto.n_chunks) == (2560, 2)
+    given = CachedGeneration(model, ids, 1, prefill_chunk=4096)
+    assert (given.chunk_width, given.n_chunks) == (4096, 2)
