@@ -106,8 +106,10 @@ def converted_to_hf(cca_dir: Path, out_dir: Path, *, overwrite: bool = False) ->
     return final
 
 
-def check(hf_dir: Path, converted_dir: Path, tolerance: float) -> bool:
-    """Print the max |logit difference| between transformers and us; True if within tolerance."""
+def check(hf_dir: Path, converted_dir: Path, tolerance: float) -> dict:
+    """Print the max |logit difference| between transformers and us. Returns
+    `convert.hf.compare_with_transformers`' result plus `relative` (the max difference over
+    max(1, max |logit|)) and `ok` (relative <= tolerance)."""
     from convert.hf import compare_with_transformers
 
     print("check: running transformers (float32, eager attention) and cca_jax (float32, "
@@ -122,7 +124,18 @@ def check(hf_dir: Path, converted_dir: Path, tolerance: float) -> bool:
     ok = result["max_abs_diff"] <= allowed
     print(f"check: {'ok' if ok else 'FAILED'} (allowed {allowed:.3e} = {tolerance:g} x "
           "max(1, max |logit|))", flush=True)
-    return ok
+    return {**result, "relative": result["max_abs_diff"] / max(1.0, result["max_abs_logit"]),
+            "ok": ok}
+
+
+def add_check_arguments(parser: argparse.ArgumentParser, check_help: str) -> None:
+    """--check (its help: `check_help`) and --check-tolerance, as `check` reads them."""
+    parser.add_argument("--check", action="store_true", help=check_help)
+    parser.add_argument("--check-tolerance", type=float, default=DEFAULT_CHECK_TOLERANCE,
+                        metavar="TOL",
+                        help="largest max |logit difference| --check accepts, relative to "
+                             "max(1, max |logit|) (default: %(default)g); above it the exit "
+                             "code is 2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,15 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="parameter dtype to store; 'auto' keeps the dtype of the HF "
                              "weights, so a round trip is bit-identical (default: auto)")
-    parser.add_argument("--check", action="store_true",
-                        help="after converting, compare our float32 logits with transformers' "
-                             "PyTorch model on a fixed sample and print the max difference "
-                             "(needs torch and transformers)")
-    parser.add_argument("--check-tolerance", type=float, default=DEFAULT_CHECK_TOLERANCE,
-                        metavar="TOL",
-                        help="largest max |logit difference| --check accepts, relative to "
-                             "max(1, max |logit|) (default: %(default)g); above it the exit "
-                             "code is 2")
+    add_check_arguments(parser, "after converting, compare our float32 logits with "
+                                "transformers' PyTorch model on a fixed sample and print the "
+                                "max difference (needs torch and transformers)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT_DIR if it already exists")
     return parser
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             converted_to_hf(source, out_dir, overwrite=args.overwrite)
             return 0
         hf_to_converted(source, out_dir, dtype=args.dtype, overwrite=args.overwrite)
-        if args.check and not check(source, out_dir, args.check_tolerance):
+        if args.check and not check(source, out_dir, args.check_tolerance)["ok"]:
             return 2
     except KeyError as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)

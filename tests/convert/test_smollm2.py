@@ -79,14 +79,14 @@ def test_special_tokens_follow_the_gguf_metadata(smollm2_hf_dir, capsys):
     import types
 
     from cca_jax.loading import load_tokenizer
-    from convert.smollm2 import _align_special_tokens
+    from convert.gguf_hf import align_special_tokens
 
     tokenizer = load_tokenizer(smollm2_hf_dir)
     config = json.loads((smollm2_hf_dir / "config.json").read_text())
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (config["bos_token_id"],
                                                                 config["eos_token_id"]) == (1, 2)
     tokenizer.eos_token = "<|im_start|>"
-    _align_special_tokens(tokenizer, types.SimpleNamespace(bos_token_id=1, eos_token_id=2))
+    align_special_tokens(tokenizer, types.SimpleNamespace(bos_token_id=1, eos_token_id=2))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
     assert "declared EOS '<|im_start|>'; using '<|im_end|>' (id 2)" in capsys.readouterr().out
 
