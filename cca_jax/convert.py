@@ -3,9 +3,10 @@
     python -m cca_jax.convert HF_DIR OUT_DIR [--dtype auto|float32|bfloat16] [--check] [--overwrite]
     python -m cca_jax.convert --to-hf CCA_DIR HF_OUT_DIR [--overwrite]
 
-Only argument parsing and progress messages live here; the mapping is in `convert.hf` and the
-directory format in `convert.checkpoint`. Output directories are written atomically
-(`convert.io.atomic_directory`): an error, Ctrl-C or SIGTERM leaves no OUT_DIR and no
+Argument parsing, progress messages and the `--check` comparison with transformers' PyTorch
+model live here; the mapping is in `cca_jax.hf` and the directory format in
+`cca_jax.converted`. Output directories are written atomically
+(`cca_jax.io.atomic_directory`): an error, Ctrl-C or SIGTERM leaves no OUT_DIR and no
 temporary behind and an existing OUT_DIR untouched; after a SIGKILL the next run removes the
 hidden temporary the killed one left. Bad input (including an OUT_DIR that is or contains
 the input, or an existing entry inside it, or that cannot be written) ends with
@@ -18,6 +19,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 DEFAULT_CHECK_TOLERANCE = 1e-4  # relative to max(1, max |logit|)
@@ -37,7 +40,7 @@ def _require_new_output(out_dir: Path, overwrite: bool, source: Path) -> None:
     inside it (--overwrite would delete the input or part of it), an existing OUT_DIR without
     --overwrite, and a location that cannot be written. Symbolic links are followed for the
     comparison."""
-    from convert.io import check_writable, remove_stale_temporaries
+    from cca_jax.io import check_writable, remove_stale_temporaries
 
     out_real, source_real = out_dir.expanduser().resolve(), source.expanduser().resolve()
     if out_real == source_real:
@@ -55,15 +58,15 @@ def _require_new_output(out_dir: Path, overwrite: bool, source: Path) -> None:
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {str(out_dir)!r} already exists; pass "
                               "--overwrite to replace it")
-    remove_stale_temporaries(out_dir)   # what a killed earlier run left (convert/io.py)
+    remove_stale_temporaries(out_dir)   # what a killed earlier run left (cca_jax/io.py)
     check_writable(out_dir)
 
 
 def hf_to_converted(hf_dir: Path, out_dir: Path, *, dtype: str = "auto",
                     overwrite: bool = False) -> Path:
     """Convert an HF directory into our format, printing progress. Returns OUT_DIR."""
-    from convert import hf
-    from convert.checkpoint import save_converted
+    from cca_jax import hf
+    from cca_jax.converted import save_converted
 
     start = time.perf_counter()
     print(f"reading config {hf_dir / 'config.json'}", flush=True)
@@ -91,8 +94,8 @@ def hf_to_converted(hf_dir: Path, out_dir: Path, *, dtype: str = "auto",
 
 def converted_to_hf(cca_dir: Path, out_dir: Path, *, overwrite: bool = False) -> Path:
     """Write a converted directory back as a Hugging Face directory. Returns OUT_DIR."""
-    from convert.checkpoint import load_converted
-    from convert.hf import write_hf_dir
+    from cca_jax.converted import load_converted
+    from cca_jax.hf import write_hf_dir
 
     start = time.perf_counter()
     print(f"reading {cca_dir}", flush=True)
@@ -106,12 +109,75 @@ def converted_to_hf(cca_dir: Path, out_dir: Path, *, overwrite: bool = False) ->
     return final
 
 
+# The PyTorch comparison behind --check (also used by `python -m convert.qwen25_coder --check`).
+
+CHECK_TEXT = ("Core context aware attention keeps a few pooled core tokens for the distant past "
+              "and a window of raw tokens for the recent past. The capital of France is Paris, "
+              "and the quick brown fox jumps over the lazy dog while the model reads on.")
+
+
+def sample_input_ids(vocab_size: int, tokenizer=None, *, batch: int = 2,
+                     length: int = 64) -> tuple[np.ndarray, str]:
+    """A fixed [batch, length] int32 sample: tokenised text in row 0 when a tokenizer is
+    given (repeated to fill the row), deterministic random ids elsewhere."""
+    ids = np.random.default_rng(0).integers(0, vocab_size, (batch, length), dtype=np.int64)
+    source = "deterministic random ids"
+    if tokenizer is not None:
+        text_ids = np.asarray(tokenizer(CHECK_TEXT)["input_ids"], dtype=np.int64)
+        if text_ids.size and text_ids.max() < vocab_size:
+            ids[0] = np.resize(text_ids, length)
+            source = "row 0 tokenised text, other rows deterministic random ids"
+    return ids.astype(np.int32), source
+
+
+def compare_with_transformers(hf_dir: str | os.PathLike, converted_dir: str | os.PathLike,
+                              *, batch: int = 2, length: int = 64) -> dict:
+    """Run transformers' PyTorch model from `hf_dir` (float32, eager attention) and ours from
+    `converted_dir` (float32, full attention) on the same sample; report the logit gap."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from cca_jax.loading import from_pretrained, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(hf_dir)
+    except Exception:  # no usable tokenizer: random ids are just as good a check
+        tokenizer = None
+    # The exact float32 path: the reference attention, and full-precision matrix products
+    # (XLA's default on a GPU is TF32, which alone moves logits by ~1e-2).
+    ours = from_pretrained(converted_dir, attention="full", dtype="float32",
+                           param_dtype="float32", implementation="reference")
+    ids, source = sample_input_ids(ours.config.vocab_size, tokenizer, batch=batch,
+                                   length=length)
+    forward = nnx.jit(lambda model, tokens: model(tokens))  # one compile beats eager ops
+    with jax.default_matmul_precision("highest"):
+        our_logits = np.asarray(forward(ours, jnp.asarray(ids)))
+    del ours
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        reference = AutoModelForCausalLM.from_pretrained(
+            str(hf_dir), dtype=torch.float32, attn_implementation="eager",
+            local_files_only=True)
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+    reference.eval()
+    with torch.no_grad():
+        their_logits = reference(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
+    return {"max_abs_diff": float(np.max(np.abs(our_logits - their_logits))),
+            "max_abs_logit": float(np.max(np.abs(their_logits))),
+            "batch": batch, "length": length, "source": source}
+
+
 def check(hf_dir: Path, converted_dir: Path, tolerance: float) -> dict:
     """Print the max |logit difference| between transformers and us. Returns
-    `convert.hf.compare_with_transformers`' result plus `relative` (the max difference over
+    `compare_with_transformers`' result plus `relative` (the max difference over
     max(1, max |logit|)) and `ok` (relative <= tolerance)."""
-    from convert.hf import compare_with_transformers
-
     print("check: running transformers (float32, eager attention) and cca_jax (float32, "
           "full attention) on the same tokens ...", flush=True)
     start = time.perf_counter()

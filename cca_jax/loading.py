@@ -6,8 +6,11 @@ format: `cca_config.json` + orbax `params/`) or a Hugging Face LLaMA / Qwen2 dir
 is built abstractly (`nnx.eval_shape`, no random initialisation) and its parameters are
 filled from the stored arrays after every shape has been checked.
 
-The `convert` package is imported lazily, inside the functions, so importing `cca_jax` does
-not import it.
+This module is the one owner of reading a model directory: `read_config` (architecture only,
+for checks that must come before the slow part) and `read_params` (the weights as host numpy
+arrays) serve `from_pretrained`, `python -m cca_jax.generate`, `train.finetune` and
+`train.evaluate` alike. The formats themselves live in `cca_jax.hf` (Hugging Face) and
+`cca_jax.converted` (ours).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cca_jax import hf
+from cca_jax.converted import is_converted_dir, load_converted, read_converted_config
 from cca_jax.llama import DTYPES, LlamaConfig, LlamaForCausalLM
 
 
@@ -87,20 +92,18 @@ def load_params_into(model: LlamaForCausalLM, params: Mapping) -> LlamaForCausal
 def read_config(path: str | os.PathLike) -> LlamaConfig:
     """The `LlamaConfig` stored in a converted or Hugging Face directory, without reading any
     weights (for checks that must come before the slow part)."""
-    from convert import hf
-    from convert.checkpoint import is_converted_dir, read_converted_config
-
     path = Path(path).expanduser()
     if is_converted_dir(path):
         return read_converted_config(path)
     return hf.llama_config_from_hf(hf.read_hf_config(path))
 
 
-def _read(path: Path) -> tuple[LlamaConfig, Mapping, str]:
-    """(config, params, stored param dtype name) of a converted or Hugging Face directory."""
-    from convert import hf
-    from convert.checkpoint import is_converted_dir, load_converted
+def read_params(path: str | os.PathLike) -> tuple[LlamaConfig, dict, str]:
+    """(config, params, stored param dtype name) of a converted or Hugging Face directory.
 
+    `params` is the nested parameter dict of host numpy arrays in their stored dtypes, with
+    integer layer keys (`nnx.to_pure_dict`'s layout)."""
+    path = Path(path).expanduser()
     if is_converted_dir(path):
         config, params = load_converted(path)
         return config, params, config.param_dtype
@@ -135,7 +138,7 @@ def from_pretrained(path: str | os.PathLike, *, attention: str = "full", group_s
     # Validate the attention arguments before reading any weights.
     LlamaConfig(attention=attention, group_size=group_size, window_size=window_size,
                 attention_implementation=implementation)
-    config, params, stored = _read(path)
+    config, params, stored = read_params(path)
     config = config.replace(attention=attention, group_size=group_size,
                             window_size=window_size, attention_implementation=implementation,
                             dtype=dtype or config.dtype, param_dtype=param_dtype or stored)
@@ -145,13 +148,11 @@ def from_pretrained(path: str | os.PathLike, *, attention: str = "full", group_s
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The Hugging Face tokenizer stored in `path` (local files only, never the hub)."""
-    from convert.hf import TOKENIZER_FILES
-
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist or is not "
                                 "a directory")
-    tokenizer_files = [n for n in TOKENIZER_FILES
+    tokenizer_files = [n for n in hf.TOKENIZER_FILES
                        if n not in ("generation_config.json", "chat_template.jinja",
                                     "chat_template.json") and (path / n).is_file()]
     if not tokenizer_files:

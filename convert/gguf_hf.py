@@ -9,7 +9,7 @@ cast to the requested dtype and saved with the tokenizer:
     config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 
 The callers own the output directory: `prepare_output` refuses what cannot be written before
-any heavy work, and `write_hf_dir_from_gguf` fills a directory that `convert.io.atomic_directory`
+any heavy work, and `write_hf_dir_from_gguf` fills a directory that `cca_jax.io.atomic_directory`
 renames into place only when everything succeeded.
 
 torch and transformers are imported lazily, so importing this module needs neither.
@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from convert.io import check_writable, normalize_file_modes
+from cca_jax.io import check_writable, normalize_file_modes
 
 DTYPES = ("bfloat16", "float32")
 

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from convert.io import atomic_file, atomic_write_text
+from cca_jax.io import atomic_file, atomic_write_text
 
 MANIFEST = "parts.json"
 BLOCK = 1 << 20

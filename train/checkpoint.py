@@ -400,7 +400,7 @@ class RunDirectory:
     def truncate_logs(self, step: int) -> None:
         """Drop log lines of steps after `step` (written after the checkpoint being resumed),
         and a torn last line; the files are replaced atomically."""
-        from convert.io import atomic_write_text
+        from cca_jax.io import atomic_write_text
 
         if jax.process_index() != 0:
             return

@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from convert.io import atomic_file, atomic_write_text
+from cca_jax.io import atomic_file, atomic_write_text
 from train import eval_tasks as tasks_lib
 from train.eval_tasks import TASKS, TaskExample
 
@@ -760,7 +760,7 @@ def stored_attention(model_dir: str | os.PathLike) -> tuple[str, int, int, str]:
     directory's cca_config.json (e.g. a train.finetune export), else full attention with the
     library's defaults (a Hugging Face directory knows nothing of CCA)."""
     from cca_jax.llama import LlamaConfig
-    from convert.checkpoint import is_converted_dir, read_converted_config
+    from cca_jax.converted import is_converted_dir, read_converted_config
 
     if is_converted_dir(model_dir):
         config = read_converted_config(model_dir)

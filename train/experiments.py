@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.io import atomic_write_text
+from cca_jax.io import atomic_write_text
 from train import statistics
 from train.evaluate import length_axis, save_figure
 

@@ -546,7 +546,7 @@ def run(s: Setup) -> int:
     from tqdm import tqdm
 
     from cca_jax.llama import LlamaForCausalLM
-    from convert.io import atomic_write_text
+    from cca_jax.io import atomic_write_text
     from train import model as model_lib
     from train.checkpoint import RunDirectory, abstract_with_shardings, state_bytes
     from train.data import ShuffledBatches
@@ -613,7 +613,7 @@ def run(s: Setup) -> int:
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
             run_dir.truncate_logs(start_step)
         else:
-            host_params, s.stored_dtype = model_lib.read_params(s.model_dir, config)
+            host_params, s.stored_dtype = model_lib.read_params(s.model_dir)
             model_lib.check_params(host_params, abstract_params)
             params = model_lib.place_params(host_params, p_shardings)
             del host_params

@@ -6,7 +6,7 @@
 - `read_config` / `read_params`: the architecture (cheap, for early argument checks) and the
   weights as host numpy arrays (never a device copy of the whole model).
 - `place_params`: each weight goes straight into its shards as float32 master weights.
-- `export_params`: a converted directory (`convert.checkpoint.save_converted`) that
+- `export_params`: a converted directory (`cca_jax.converted.save_converted`) that
   `cca_jax.from_pretrained` and `python -m cca_jax.convert --to-hf` read.
 """
 from __future__ import annotations
@@ -42,31 +42,24 @@ def resolve_model_dir(model: str | None, models_dir: str | os.PathLike) -> Path:
 
 
 def read_config(path: Path) -> LlamaConfig:
-    """The architecture of a converted or Hugging Face directory (no weights read)."""
-    from convert import hf
-    from convert.checkpoint import is_converted_dir, read_converted_config
+    """The architecture of a converted or Hugging Face directory (no weights read), by
+    `cca_jax.loading.read_config`."""
+    from cca_jax.converted import is_converted_dir
+    from cca_jax.loading import read_config as read_model_config
 
-    if is_converted_dir(path):
-        return read_converted_config(path)
-    if not (path / "config.json").is_file():
+    if not is_converted_dir(path) and not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model: {str(path)!r} holds neither cca_config.json + "
                                 "params/ (converted) nor config.json (Hugging Face)")
-    return hf.llama_config_from_hf(hf.read_hf_config(path))
+    return read_model_config(path)
 
 
-def read_params(path: Path, config: LlamaConfig) -> tuple[dict, str]:
-    """(parameter tree of host numpy arrays with string keys, stored dtype name)."""
-    from convert import hf
-    from convert.checkpoint import is_converted_dir, load_converted
-
+def read_params(path: Path) -> tuple[dict, str]:
+    """(parameter tree of host numpy arrays with string keys, stored dtype name), by
+    `cca_jax.loading.read_params`."""
+    from cca_jax.loading import read_params as read_model_params
     from train.sharding import str_keys
 
-    if is_converted_dir(path):
-        stored_config, params = load_converted(path)
-        return str_keys(params), stored_config.param_dtype
-    state_dict = hf.load_hf_state_dict(path)
-    stored = hf.stored_dtype(state_dict.values())
-    params = hf.hf_to_params(state_dict, config.replace(param_dtype=stored), keep_dtype=True)
+    _, params, stored = read_model_params(path)
     return str_keys(params), stored
 
 
@@ -109,8 +102,8 @@ def to_host(tree, dtype=None):
 def export_params(out_dir: Path, params: Mapping, config: LlamaConfig,
                   tokenizer_src: Path | None, dtype: str) -> Path | None:
     """Write a converted model directory (process 0 only); return its path there."""
-    from convert.checkpoint import save_converted
-    from convert.hf import NUMPY_DTYPES
+    from cca_jax.converted import save_converted
+    from cca_jax.hf import NUMPY_DTYPES
 
     host = to_host(params, NUMPY_DTYPES[dtype])
     if jax.process_index() != 0:

@@ -239,7 +239,7 @@ def _run_cli(capsys, argv):
 def tiny_converted_dir(smollm2_dir, tmp_path_factory):
     """A small random model with SmolLM2's vocabulary and tokenizer, in our converted format
     (the CLI path without 30 layers of compile time)."""
-    from convert.checkpoint import save_converted
+    from cca_jax.converted import save_converted
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          tie_word_embeddings=True, eos_token_id=2)
@@ -308,7 +308,7 @@ def test_closing_report_wording(tiny_models):
 @pytest.fixture(scope="module")
 def small_vocab_dir(smollm2_dir, tmp_path_factory):
     """A random model whose vocabulary (256) is far smaller than its tokenizer's (49152)."""
-    from convert.checkpoint import save_converted
+    from cca_jax.converted import save_converted
     config = LlamaConfig(vocab_size=256, num_hidden_layers=1, tie_word_embeddings=True)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

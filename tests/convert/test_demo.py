@@ -6,7 +6,7 @@ from flax import nnx
 
 from cca_jax import LlamaConfig, LlamaForCausalLM
 from convert import demo
-from convert.checkpoint import save_converted
+from cca_jax.converted import save_converted
 
 
 def test_demo_announces_each_completion_before_it_runs(smollm2_hf_dir, tmp_path, capsys):

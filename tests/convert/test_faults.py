@@ -17,8 +17,8 @@ import pytest
 
 from cca_jax import convert as cli
 from cca_jax.loading import from_pretrained
-from convert import hf, io
-from convert.checkpoint import is_converted_dir
+from cca_jax import hf, io
+from cca_jax.converted import is_converted_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,7 +177,7 @@ def test_default_modes_of_written_files(make_hf_model, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from convert.io import atomic_directory
+    from cca_jax.io import atomic_directory
     with atomic_directory(sys.argv[1], overwrite=True) as tmp:
         (tmp / "half.bin").write_bytes(b"x" * 1000)
         print("inside", flush=True)
@@ -252,7 +252,7 @@ def test_a_kill_between_the_two_renames_of_overwrite_is_undone(tmp_path):
 
 CONVERTER = textwrap.dedent("""
     import sys, time
-    import convert.checkpoint as checkpoint
+    import cca_jax.converted as checkpoint
     copy = checkpoint.copy_tokenizer_files
 
     def copy_then_wait(src, dst):   # inside the atomic directory, after orbax has written

@@ -16,8 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 from cca_jax import convert as cli
 from cca_jax.loading import from_pretrained
-from convert import hf
-from convert.checkpoint import is_converted_dir, load_converted
+from cca_jax import hf
+from cca_jax.converted import is_converted_dir, load_converted
 
 REPO = Path(__file__).resolve().parents[2]
 

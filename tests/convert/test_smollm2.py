@@ -94,7 +94,7 @@ def test_special_tokens_follow_the_gguf_metadata(smollm2_hf_dir, capsys):
 def test_every_file_has_the_ordinary_mode(smollm2_hf_dir):
     """model.safetensors came out 0600 (safetensors writes through a private temporary file)
     while the other files were 0644."""
-    from convert.io import default_file_mode
+    from cca_jax.io import default_file_mode
     modes = {p.name: p.stat().st_mode & 0o777 for p in smollm2_hf_dir.iterdir()}
     assert "model.safetensors" in modes
     assert set(modes.values()) == {default_file_mode()}, modes

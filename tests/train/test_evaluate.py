@@ -69,7 +69,7 @@ def model_dir(tmp_path_factory, tokenizer):
     """A converted tiny random model with the BPE tokenizer."""
     from flax import nnx
 
-    from convert.checkpoint import save_converted
+    from cca_jax.converted import save_converted
 
     root = tmp_path_factory.mktemp("eval")
     tokenizer.save_pretrained(str(root / "tok"))
@@ -586,7 +586,7 @@ def test_cli_reads_attention_from_the_model_directory(model_dir, tmp_path, capsy
     told otherwise (and a directory without them is evaluated with full attention)."""
     from flax import nnx
 
-    from convert.checkpoint import save_converted
+    from cca_jax.converted import save_converted
 
     model = tiny_model(attention="cca", group_size=4, window_size=24)
     cca_dir = save_converted(tmp_path / "cca", nnx.to_pure_dict(nnx.state(model, nnx.Param)),

@@ -188,7 +188,7 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
 def test_tiny_comparison_end_to_end(tmp_path):
     from flax import nnx
 
-    from convert.checkpoint import save_converted
+    from cca_jax.converted import save_converted
     from tests.train.test_evaluate import build_tokenizer, tiny_model
 
     build_tokenizer().save_pretrained(str(tmp_path / "tok"))

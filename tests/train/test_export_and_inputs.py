@@ -14,8 +14,8 @@ from train import finetune
 
 def test_hugging_face_directory_as_model(tiny, tmp_path):
     """--model accepts a Hugging Face directory (here written from the tiny model)."""
-    from convert.checkpoint import load_converted
-    from convert.hf import write_hf_dir
+    from cca_jax.converted import load_converted
+    from cca_jax.hf import write_hf_dir
 
     config, params = load_converted(tiny.model)
     hf_dir = write_hf_dir(tmp_path / "hf", params, config, tokenizer_src=tiny.model)

@@ -104,7 +104,7 @@ def test_export_is_the_trained_model_and_converts_to_hugging_face(tiny, run_8x1,
     from cca_jax import from_pretrained
     from cca_jax.convert import converted_to_hf
     from cca_jax.loading import load_tokenizer
-    from convert.checkpoint import read_converted_config
+    from cca_jax.converted import read_converted_config
     from train import data
     from train.step import token_nll
 

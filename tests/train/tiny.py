@@ -33,7 +33,7 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
     from flax import nnx
 
     from cca_jax import LlamaConfig, LlamaForCausalLM
-    from convert.checkpoint import save_converted
+    from cca_jax.converted import save_converted
 
     out = Path(out)
     tok_dir = out.parent / (out.name + "-tokenizer")

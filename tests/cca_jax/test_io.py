@@ -1,9 +1,9 @@
-"""convert.io.atomic_file / atomic_write_text: a file is replaced whole or not at all."""
+"""cca_jax.io.atomic_file / atomic_write_text: a file is replaced whole or not at all."""
 from __future__ import annotations
 
 import pytest
 
-from convert.io import atomic_file, atomic_write_text
+from cca_jax.io import atomic_file, atomic_write_text
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):

@@ -21,8 +21,8 @@ from typing import Mapping
 import numpy as np
 
 from cca_jax.llama import LlamaConfig
-from convert.hf import copy_tokenizer_files, flatten_params, unflatten_params
-from convert.io import atomic_directory
+from cca_jax.hf import copy_tokenizer_files, flatten_params, unflatten_params
+from cca_jax.io import atomic_directory
 
 CONFIG_FILE = "cca_config.json"
 PARAMS_DIR = "params"

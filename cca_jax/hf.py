@@ -30,7 +30,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors.nump
 import numpy as np
 
 from cca_jax.llama import DTYPES, SUPPORTED_MODEL_TYPES, LlamaConfig
-from convert.io import atomic_directory, normalize_file_modes
+from cca_jax.io import atomic_directory, normalize_file_modes
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -492,68 +492,3 @@ def write_hf_dir(out_dir: str | os.PathLike, params: Mapping, config: LlamaConfi
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         normalize_file_modes(tmp)   # safetensors' writer leaves its files 0600
     return target
-
-
-# --------------------------------------------------------------------------- verification
-
-CHECK_TEXT = ("Core context aware attention keeps a few pooled core tokens for the distant past "
-              "and a window of raw tokens for the recent past. The capital of France is Paris, "
-              "and the quick brown fox jumps over the lazy dog while the model reads on.")
-
-
-def sample_input_ids(vocab_size: int, tokenizer=None, *, batch: int = 2,
-                     length: int = 64) -> tuple[np.ndarray, str]:
-    """A fixed [batch, length] int32 sample: tokenised text in row 0 when a tokenizer is
-    given (repeated to fill the row), deterministic random ids elsewhere."""
-    ids = np.random.default_rng(0).integers(0, vocab_size, (batch, length), dtype=np.int64)
-    source = "deterministic random ids"
-    if tokenizer is not None:
-        text_ids = np.asarray(tokenizer(CHECK_TEXT)["input_ids"], dtype=np.int64)
-        if text_ids.size and text_ids.max() < vocab_size:
-            ids[0] = np.resize(text_ids, length)
-            source = "row 0 tokenised text, other rows deterministic random ids"
-    return ids.astype(np.int32), source
-
-
-def compare_with_transformers(hf_dir: str | os.PathLike, converted_dir: str | os.PathLike,
-                              *, batch: int = 2, length: int = 64) -> dict:
-    """Run transformers' PyTorch model from `hf_dir` (float32, eager attention) and ours from
-    `converted_dir` (float32, full attention) on the same sample; report the logit gap."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-    from flax import nnx
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from cca_jax.loading import from_pretrained, load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(hf_dir)
-    except Exception:  # no usable tokenizer: random ids are just as good a check
-        tokenizer = None
-    # The exact float32 path: the reference attention, and full-precision matrix products
-    # (XLA's default on a GPU is TF32, which alone moves logits by ~1e-2).
-    ours = from_pretrained(converted_dir, attention="full", dtype="float32",
-                           param_dtype="float32", implementation="reference")
-    ids, source = sample_input_ids(ours.config.vocab_size, tokenizer, batch=batch,
-                                   length=length)
-    forward = nnx.jit(lambda model, tokens: model(tokens))  # one compile beats eager ops
-    with jax.default_matmul_precision("highest"):
-        our_logits = np.asarray(forward(ours, jnp.asarray(ids)))
-    del ours
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        reference = AutoModelForCausalLM.from_pretrained(
-            str(hf_dir), dtype=torch.float32, attn_implementation="eager",
-            local_files_only=True)
-    finally:
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
-    reference.eval()
-    with torch.no_grad():
-        their_logits = reference(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
-    return {"max_abs_diff": float(np.max(np.abs(our_logits - their_logits))),
-            "max_abs_logit": float(np.max(np.abs(their_logits))),
-            "batch": batch, "length": length, "source": source}
