@@ -1,5 +1,6 @@
 """cca-jax: Core Context Aware attention (Chen et al., ICML 2025) for JAX and Flax NNX."""
-from cca_jax.attention import CCAAttention, causal_attention, cca_attention
+from cca_jax.attention import causal_attention, cca_attention
+from cca_jax.layer import CCAAttention
 from cca_jax.llama import LlamaConfig, LlamaForCausalLM
 from cca_jax.loading import from_pretrained
 

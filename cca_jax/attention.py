@@ -1,4 +1,6 @@
-"""The CCA attention op (`cca_attention`), full causal attention, and the `CCAAttention` layer.
+"""The CCA attention op (`cca_attention`) and full causal attention (`causal_attention`).
+
+The NNX layer that projects, rotates and calls these ops is `cca_jax.layer.CCAAttention`.
 
 `cca_attention` checks its arguments before any compute and dispatches to one
 implementation of the same function (SPEC.md):
@@ -16,17 +18,11 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from cca_jax import blocked, reference
-from cca_jax.cache import CacheStep, attend_cached
-from cca_jax.rope import RotaryEmbedding, apply_rope, normalize_rope_scaling
+from cca_jax.blocked import causal_blocked, cca_blocked
+from cca_jax.reference import causal_reference, cca_reference, pool_core_tokens
 from cca_kernels.cca_attention import cca_attention_pallas
 from cca_kernels.visibility import visible_core_count
-
-# Logical axis names of parameters and activations. `train/sharding.py` holds the one table
-# that maps them to mesh axes; without a mesh they are inert metadata.
-LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp")
 
 CCA_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 CAUSAL_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
@@ -106,16 +102,16 @@ def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | 
         raise ValueError(f"interpret=True only applies to implementation='pallas', "
                          f"got {implementation!r}")
     if implementation == "reference":
-        return reference.cca_reference(q, k, v, group_size=group_size,
+        return cca_reference(q, k, v, group_size=group_size,
                                        window_size=window_size, scale=scale)
-    return blocked.cca_blocked(q, k, v, group_size=group_size, window_size=window_size,
+    return cca_blocked(q, k, v, group_size=group_size, window_size=window_size,
                                scale=scale)
 
 
 def _cca_pallas(q, k, v, *, group_size, window_size, scale, interpret):
     """Pooling (jnp, differentiable) then the fused Pallas attention kernels."""
     n_visible = visible_core_count(q.shape[1] - 1, group_size, window_size)
-    core_k, core_v = reference.pool_core_tokens(q, k, v, group_size=group_size, scale=scale,
+    core_k, core_v = pool_core_tokens(q, k, v, group_size=group_size, scale=scale,
                                                 num_groups=n_visible)
     return cca_attention_pallas(q, k, v, core_k.astype(q.dtype), core_v.astype(q.dtype),
                                 group_size=group_size, window_size=window_size, scale=scale,
@@ -148,171 +144,10 @@ def causal_attention(q, k, v, *, scale: float | None = None, implementation: str
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                             implementation="cudnn")
     if implementation == "reference":
-        return reference.causal_reference(q, k, v, scale=scale)
-    return blocked.causal_blocked(q, k, v, scale=scale)
-
-
-def partitioned(initializer, logical_axes: tuple[str | None, ...]):
-    """`initializer` whose parameter carries logical axis names (one per dimension).
-
-    The names are metadata only (`eager_sharding=False`): creating the parameter never needs
-    a mesh. A trainer turns them into shardings with its rules table (`train/sharding.py`).
-    """
-    return nnx.with_partitioning(initializer, tuple(logical_axes), eager_sharding=False)
-
-
-def _mesh_axes_for(rules: dict, logical: str, mesh, size: int) -> tuple[str, ...]:
-    """Mesh axes (of size > 1) that `logical` maps to, if they divide `size`; else ()."""
-    target = rules.get(logical)
-    if target is None:
-        return ()
-    names = (target,) if isinstance(target, str) else tuple(target)
-    names = tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
-    total = math.prod(mesh.shape[n] for n in names)
-    return names if names and size % total == 0 else ()
-
-
-def attention_per_shard(attend, q, k, v):
-    """Run `attend(q, k, v)` once per shard with `jax.shard_map` when a mesh is active.
-
-    Active means: a mesh set with `jax.set_mesh` and logical axis rules set with
-    `nnx.logical_axis_rules` (as `train/` does). q [B, L, H, d] and k, v [B, L, Hkv, d] are
-    split over batch along the mesh axes of the logical axis "batch" and over heads along
-    those of "heads" (only when both H and Hkv divide: each shard then keeps whole GQA
-    groups). The sequence axis is never split (CCA's pooling needs whole sequences), so each
-    device runs the unchanged op (XLA or Pallas) on its own [B/n, L, H/t, d] block and no
-    custom partitioning rule for the Pallas kernel is needed. Without a mesh, or when no
-    axis would be split, `attend` is called directly.
-    """
-    from flax.core import spmd as flax_spmd
-
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = dict(flax_spmd.get_logical_axis_rules())
-    if mesh is None or mesh.empty or not rules:
-        return attend(q, k, v)
-    batch = _mesh_axes_for(rules, "batch", mesh, q.shape[0])
-    heads = _mesh_axes_for(rules, "heads", mesh, q.shape[2])
-    if heads and _mesh_axes_for(rules, "heads", mesh, k.shape[2]) != heads:
-        heads = ()
-    if not batch and not heads:
-        return attend(q, k, v)
-    spec = jax.sharding.PartitionSpec(batch or None, None, heads or None, None)
-    if hasattr(jax, "shard_map"):
-        # check_vma=False: pallas_call has no varying-manual-axes rule in every jax version.
-        return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                             check_vma=False)(q, k, v)
-    from jax.experimental.shard_map import shard_map  # jax versions before jax.shard_map
-    return shard_map(attend, mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                     check_rep=False)(q, k, v)
+        return causal_reference(q, k, v, scale=scale)
+    return causal_blocked(q, k, v, scale=scale)
 
 
 def check_attention_kind(attention: str) -> None:
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-
-
-class CCAAttention(nnx.Module):
-    """A drop-in attention layer for NNX decoders: q/k/v/o projections, GQA, RoPE, and
-    either CCA attention (`attention="cca"`) or full causal attention (`"full"`).
-
-    Parameter names follow Hugging Face LLaMA (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
-    kernels stored `[in, out]`), so converted weights map one to one.
-
-    Call: `layer(x, positions=None)` with x `[B, L, hidden_size]`; positions `[B, L]`
-    integers (default 0..L-1). Returns `[B, L, hidden_size]` in `dtype`.
-
-    Cached call (generation): `layer(x, cache=layer_cache, step=step)` appends the chunk x
-    (T tokens per row, at positions `step.start + 0 .. T - 1`) to a layer cache of
-    `cca_jax.cache` and returns `(y, new layer cache)`; `step` is the `CacheStep` that the
-    model builds once per call. The cache's kind (`step.spec.attention`) decides the
-    attention, so one set of weights serves a CCA and a full cache. Training, prefill and
-    decoding share this code.
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
-                 head_dim: int | None = None, *, attention: str = "cca", group_size: int = 16,
-                 window_size: int = 1024, rope_theta: float = 10000.0, rope_scaling=None,
-                 max_position_embeddings: int = 2048, qkv_bias: bool = False,
-                 out_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 implementation: str = "auto", rngs: nnx.Rngs):
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
-                            ("group_size", group_size), ("window_size", window_size)):
-            _check_positive_int(name, value)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_positive_int("num_kv_heads", num_kv_heads)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                             f"({num_kv_heads})")
-        if head_dim is None:
-            if hidden_size % num_heads:
-                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
-                                 f"({num_heads}) unless head_dim is given")
-            head_dim = hidden_size // num_heads
-        _check_positive_int("head_dim", head_dim)
-        check_attention_kind(attention)
-        _check_implementation(implementation, CCA_IMPLEMENTATIONS)
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.attention, self.implementation = attention, implementation
-        self.group_size, self.window_size = group_size, window_size
-        self.dtype = dtype
-        self.rope = RotaryEmbedding(head_dim, float(rope_theta),
-                                    normalize_rope_scaling(rope_scaling)
-                                    if not isinstance(rope_scaling, tuple) else rope_scaling,
-                                    max_position_embeddings)
-
-        def linear(n_in, n_out, bias, axes):
-            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
-                              bias_init=partitioned(nnx.initializers.zeros_init(), axes[1:]),
-                              rngs=rngs)
-
-        self.q_proj = linear(hidden_size, num_heads * head_dim, qkv_bias, ("embed", "heads"))
-        self.k_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias,
-                             ("embed", "kv_heads"))
-        self.v_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias,
-                             ("embed", "kv_heads"))
-        self.o_proj = linear(num_heads * head_dim, hidden_size, out_bias, ("heads", "embed"))
-
-    def _check_input(self, x) -> None:
-        hidden = self.q_proj.in_features
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != hidden:
-            raise ValueError(f"x must have shape [batch, length, hidden_size={hidden}], got "
-                             f"shape {getattr(x, 'shape', type(x).__name__)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
-
-    def project_qkv(self, x, positions=None):
-        """q [B, L, H, d], k and v [B, L, Hkv, d], with RoPE applied to q and k."""
-        self._check_input(x)
-        B, L, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
-        cos, sin = self.rope.cos_sin(positions, q.dtype, seq_len=L)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def __call__(self, x, positions=None, cache=None, step: CacheStep | None = None):
-        B, L = x.shape[:2]
-        if cache is None:
-            if step is not None:
-                raise ValueError("step is given without a cache")
-            q, k, v = self.project_qkv(x, positions)
-            out = attention_per_shard(self._attend, q, k, v)
-            return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
-        if step is None or positions is not None:
-            raise ValueError("a cached call takes step= (a cca_jax.cache.CacheStep) and no "
-                             "positions (they follow from the cache)")
-        q, k, v = self.project_qkv(x, step.positions(L))
-        out, cache = attend_cached(step, cache, q, k, v, implementation=self.implementation)
-        return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim)), cache
-
-    def _attend(self, q, k, v):
-        if self.attention == "cca":
-            return cca_attention(q, k, v, group_size=self.group_size,
-                                 window_size=self.window_size,
-                                 implementation=self.implementation)
-        # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
-        impl = "auto" if self.implementation == "pallas" else self.implementation
-        return causal_attention(q, k, v, implementation=impl)

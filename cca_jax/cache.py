@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from cca_jax.attention import ATTENTION_KINDS, causal_attention, cca_attention, cudnn_supported
 from cca_jax.reference import compute_dtype
 from cca_kernels.decode import MASK_VALUE, decode_attention_pallas, decode_attention_reference
 from cca_kernels.visibility import raw_window_start, visible_core_count
@@ -80,8 +81,6 @@ class CacheSpec:
     dtype: str = "float32"
 
     def __post_init__(self):
-        from cca_jax.attention import ATTENTION_KINDS   # (cca_jax.attention imports this module)
-
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got "
                              f"{self.attention!r}")
@@ -669,8 +668,6 @@ def attend_cached(step: CacheStep, layer_cache, q, k, v, *, implementation: str 
     builds the cache with `prefill_layer`; one real token per row is a decode step
     (`decode_layer`, the split-K kernel on a GPU); anything else is `append_layer`.
     """
-    from cca_jax.attention import causal_attention, cca_attention
-
     spec = step.spec
     if scale is not None and not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
         raise ValueError("cached attention uses the default scale 1/sqrt(head_dim)")
@@ -693,8 +690,6 @@ def attend_cached(step: CacheStep, layer_cache, q, k, v, *, implementation: str 
     block_q, block_k = append_blocks(q.shape[0], q.shape[2], T)
     full_implementation = "blocked"
     if spec.attention == "full" and implementation in ("auto", "pallas", "cudnn"):
-        from cca_jax.attention import cudnn_supported
-
         # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
         if cudnn_supported(q):
             full_implementation = "cudnn"

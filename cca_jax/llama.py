@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cca_jax.attention import (CCA_IMPLEMENTATIONS, CCAAttention, check_attention_kind,
-                               _check_positive_int, partitioned)
+from cca_jax.attention import CCA_IMPLEMENTATIONS, _check_positive_int, check_attention_kind
+from cca_jax.layer import CCAAttention, partitioned
 from cca_jax.rope import normalize_rope_scaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cca_jax import hf
+from cca_jax.hf import (TOKENIZER_FILES, hf_to_params, llama_config_from_hf, load_hf_state_dict,
+                        read_hf_config, stored_dtype)
 from cca_jax.converted import is_converted_dir, load_converted, read_converted_config
 from cca_jax.llama import DTYPES, LlamaConfig, LlamaForCausalLM
 
@@ -95,7 +96,7 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
     path = Path(path).expanduser()
     if is_converted_dir(path):
         return read_converted_config(path)
-    return hf.llama_config_from_hf(hf.read_hf_config(path))
+    return llama_config_from_hf(read_hf_config(path))
 
 
 def read_params(path: str | os.PathLike) -> tuple[LlamaConfig, dict, str]:
@@ -107,11 +108,11 @@ def read_params(path: str | os.PathLike) -> tuple[LlamaConfig, dict, str]:
     if is_converted_dir(path):
         config, params = load_converted(path)
         return config, params, config.param_dtype
-    config = hf.llama_config_from_hf(hf.read_hf_config(path))
-    state_dict = hf.load_hf_state_dict(path)
-    stored = hf.stored_dtype(state_dict.values())
+    config = llama_config_from_hf(read_hf_config(path))
+    state_dict = load_hf_state_dict(path)
+    stored = stored_dtype(state_dict.values())
     config = config.replace(param_dtype=stored)
-    return config, hf.hf_to_params(state_dict, config, keep_dtype=True), stored
+    return config, hf_to_params(state_dict, config, keep_dtype=True), stored
 
 
 def from_pretrained(path: str | os.PathLike, *, attention: str = "full", group_size: int = 16,
@@ -152,7 +153,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist or is not "
                                 "a directory")
-    tokenizer_files = [n for n in hf.TOKENIZER_FILES
+    tokenizer_files = [n for n in TOKENIZER_FILES
                        if n not in ("generation_config.json", "chat_template.jinja",
                                     "chat_template.json") and (path / n).is_file()]
     if not tokenizer_files:

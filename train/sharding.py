@@ -4,7 +4,7 @@ Every parameter of `cca_jax.LlamaForCausalLM` carries logical axis names as meta
 (`nnx.with_partitioning`, e.g. `q_proj.kernel` is `("embed", "heads")`). `LOGICAL_AXIS_RULES`
 maps each name to mesh axes (`train/mesh.py`); a dimension whose size the mesh axes do not
 divide stays whole (replicated along it). The same rules, set with `nnx.logical_axis_rules`,
-tell the attention layer how to split q/k/v per shard (`cca_jax.attention.attention_per_shard`).
+tell the attention layer how to split q/k/v per shard (`cca_jax.layer.attention_per_shard`).
 
 Parameters are kept as a nested dict of arrays with string keys (what orbax stores), the
 "pure" parameter tree; the optimizer state inherits each parameter's sharding.

@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent('''
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
     from cca_jax import LlamaConfig, LlamaForCausalLM, cca_attention
-    from cca_jax.attention import attention_per_shard
+    from cca_jax.layer import attention_per_shard
     from train.mesh import make_mesh
     from train.sharding import LOGICAL_AXIS_RULES, rules_for
     from train.step import token_nll
