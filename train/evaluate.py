@@ -49,6 +49,7 @@ import numpy as np
 
 from cca_jax.io import atomic_file, atomic_write_text
 from train import eval_tasks as tasks_lib
+from train.corpora import KJV_HELDOUT_BOOKS
 from train.eval_tasks import TASKS, TaskExample
 
 NllFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -663,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("perplexity")
     g.add_argument("--ppl-sources", nargs="*", choices=tasks_lib.PPL_SOURCES,
                    default=list(tasks_lib.PPL_SOURCES),
-                   help="held-out corpora: plays (train.data.HELD_OUT_PLAYS), kjv (books "
-                        f"{', '.join(tasks_lib.KJV_HELDOUT_BOOKS)})")
+                   help="held-out corpora: plays (train.corpora.HELD_OUT_PLAYS), kjv (books "
+                        f"{', '.join(KJV_HELDOUT_BOOKS)})")
     g.add_argument("--ppl-files", nargs="*", default=[], metavar="FILE",
                    help="extra held-out text files, one document each (source 'file')")
     g.add_argument("--ppl-windows", type=int, default=4, metavar="N",

