@@ -21,8 +21,9 @@ from typing import Mapping
 import numpy as np
 
 from cca_jax.llama import LlamaConfig
-from cca_jax.hf import copy_tokenizer_files, flatten_params, unflatten_params
+from cca_jax.hf import copy_tokenizer_files
 from cca_jax.io import atomic_directory
+from cca_jax.params import flatten_params, int_keys, unflatten_params
 
 CONFIG_FILE = "cca_config.json"
 PARAMS_DIR = "params"
@@ -38,14 +39,6 @@ def _to_host(params: Mapping) -> dict:
     """Numpy copies of every leaf (orbax then restores numpy, independent of devices)."""
     return unflatten_params({path: np.asarray(value)
                              for path, value in flatten_params(params).items()})
-
-
-def _int_keys(tree):
-    """Orbax stores dict keys as strings; turn layer indices back into ints."""
-    if not isinstance(tree, Mapping):
-        return tree
-    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
-            for k, v in tree.items()}
 
 
 def save_converted(out_dir: str | os.PathLike, params: Mapping, config: LlamaConfig,
@@ -106,4 +99,4 @@ def load_converted(path: str | os.PathLike, **config_overrides) -> tuple[LlamaCo
         params = checkpointer.restore(params_dir)
     finally:
         checkpointer.close()
-    return config, _int_keys(params)
+    return config, int_keys(params)

@@ -31,6 +31,7 @@ import numpy as np
 
 from cca_jax.llama import DTYPES, SUPPORTED_MODEL_TYPES, LlamaConfig
 from cca_jax.io import atomic_directory, normalize_file_modes
+from cca_jax.params import flatten_params, param_path_name, unflatten_params
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -307,32 +308,6 @@ def _abstract_params(config: LlamaConfig) -> dict:
 
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def flatten_params(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    """{(key, ...): leaf} of a nested dict; keys kept as they are (layer indices are ints)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def unflatten_params(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
-def param_path_name(path: Iterable) -> str:
-    """'layers.0.self_attn.q_proj.kernel' for a parameter path."""
-    return ".".join(str(key) for key in path)
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:

@@ -27,6 +27,7 @@ from cca_jax.hf import (TOKENIZER_FILES, hf_to_params, llama_config_from_hf, loa
                         read_hf_config, stored_dtype)
 from cca_jax.converted import is_converted_dir, load_converted, read_converted_config
 from cca_jax.llama import DTYPES, LlamaConfig, LlamaForCausalLM
+from cca_jax.params import flat_by_name, key_path_name
 
 
 def _dtype_name(value, argument: str) -> str | None:
@@ -44,10 +45,6 @@ def _dtype_name(value, argument: str) -> str | None:
     return value
 
 
-def _key_name(path) -> str:
-    return ".".join(str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path)
-
-
 def load_params_into(model: LlamaForCausalLM, params: Mapping) -> LlamaForCausalLM:
     """Replace every parameter of `model` (possibly abstract) by the arrays in `params`.
 
@@ -58,18 +55,8 @@ def load_params_into(model: LlamaForCausalLM, params: Mapping) -> LlamaForCausal
     state = nnx.state(model, nnx.Param)
     abstract = nnx.to_pure_dict(state)
 
-    def flat(tree, prefix=()):
-        out = {}
-        for key, value in tree.items():
-            name = prefix + (str(key),)
-            if isinstance(value, Mapping):
-                out.update(flat(value, name))
-            else:
-                out[".".join(name)] = value
-        return out
-
-    given = flat(params)
-    wanted = flat(abstract)
+    given = flat_by_name(params)
+    wanted = flat_by_name(abstract)
     missing = sorted(set(wanted) - set(given))
     extra = sorted(set(given) - set(wanted))
     if missing or extra:
@@ -83,7 +70,7 @@ def load_params_into(model: LlamaForCausalLM, params: Mapping) -> LlamaForCausal
                              f"{tuple(leaf.shape)}")
 
     def fill(path, leaf):
-        return jnp.asarray(given[_key_name(path)], dtype=leaf.dtype)
+        return jnp.asarray(given[key_path_name(path)], dtype=leaf.dtype)
 
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, abstract))
     nnx.update(model, state)

@@ -547,13 +547,14 @@ def run(s: Setup) -> int:
     from tqdm import tqdm
 
     from cca_jax.llama import LlamaForCausalLM
+    from cca_jax.params import str_keys
     from cca_jax.io import atomic_write_text
     from train import model as model_lib
     from train.checkpoint import RunDirectory, abstract_with_shardings, state_bytes
     from train.data import ShuffledBatches
     from train.mesh import make_mesh
     from train.sharding import (logical_axes_of, param_shardings, rules_for, sharding_report,
-                                state_shardings, str_keys)
+                                state_shardings)
     from train.step import ModelFactory, make_eval_step, make_optimizer, make_train_step
 
     args, config = s.args, s.config

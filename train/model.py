@@ -57,7 +57,7 @@ def read_params(path: Path) -> tuple[dict, str]:
     """(parameter tree of host numpy arrays with string keys, stored dtype name), by
     `cca_jax.loading.read_params`."""
     from cca_jax.loading import read_params as read_model_params
-    from train.sharding import str_keys
+    from cca_jax.params import str_keys
 
     _, params, stored = read_model_params(path)
     return str_keys(params), stored

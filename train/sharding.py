@@ -72,13 +72,6 @@ def spec_for(logical: tuple | None, shape: tuple[int, ...], mesh,
     return PartitionSpec(*out)
 
 
-def str_keys(tree):
-    """Nested dict with every key a string (orbax stores keys as strings)."""
-    if not isinstance(tree, Mapping):
-        return tree
-    return {str(k): str_keys(v) for k, v in tree.items()}
-
-
 def logical_axes_of(abstract_model) -> dict:
     """{param path (tuple of str): logical axis names} for every nnx.Param of the model."""
     from flax import nnx

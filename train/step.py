@@ -23,6 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cca_jax.params import int_keys
+
 
 def learning_rate_schedule(lr: float, warmup_steps: int) -> Callable:
     if warmup_steps <= 0:
@@ -38,13 +40,6 @@ def make_optimizer(lr: float, warmup_steps: int, clip: float, weight_decay: floa
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
     return optax.chain(*parts), schedule
-
-
-def int_keys(tree):
-    if not isinstance(tree, Mapping):
-        return tree
-    return {int(k) if isinstance(k, str) and k.isdigit() else k: int_keys(v)
-            for k, v in tree.items()}
 
 
 class ModelFactory:
