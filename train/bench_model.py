@@ -3,8 +3,8 @@
     python -m train.bench_model [--shape smollm2-135m] [--seq-len 32768] [--dtype bfloat16]
 
 Random weights of the chosen shape, one sequence of `--seq-len` tokens, loss = mean token
-cross-entropy computed in float32 over sequence chunks (no [L, vocab] float32 array
-for the whole sequence at once). Times jitted value_and_grad (median of repeats after
+cross-entropy computed in float32 over sequence chunks of 4096 by fine-tuning's own loss
+(`train.loss.token_nll`: no [L, vocab] float32 array for the whole sequence at once). Times jitted value_and_grad (median of repeats after
 warm-up) for attention="cca" (Pallas on a GPU) and attention="full" (cuDNN on a GPU).
 A benchmark, not a test.
 """
@@ -17,11 +17,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from cca_jax import LlamaConfig, LlamaForCausalLM
+from train.loss import token_nll
 
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -40,17 +39,10 @@ SHAPES = {
 }
 
 
-def chunked_loss(model, tokens, chunk: int = 4096):
-    """Mean next-token cross-entropy, logits formed chunk by chunk in float32."""
-    hidden = model.hidden_states(tokens[:, :-1])
-    targets = tokens[:, 1:]
-    L = hidden.shape[1]
-    total = jnp.zeros((), jnp.float32)
-    for start in range(0, L, chunk):
-        logits = model.logits(hidden[:, start:start + chunk])
-        total += optax.softmax_cross_entropy_with_integer_labels(
-            logits, targets[:, start:start + chunk]).sum()
-    return total / targets.size
+def mean_token_loss(model, tokens, chunk: int = 4096):
+    """Mean next-token cross-entropy: fine-tuning's loss (`train.loss.token_nll`)."""
+    total, count = token_nll(model, tokens, chunk)
+    return total / count
 
 
 def time_step(config: LlamaConfig, seq_len: int, repeats: int):
@@ -60,7 +52,7 @@ def time_step(config: LlamaConfig, seq_len: int, repeats: int):
     @jax.jit
     def step(params, tokens):
         return jax.value_and_grad(
-            lambda p: chunked_loss(nnx.merge(graphdef, p), tokens))(params)
+            lambda p: mean_token_loss(nnx.merge(graphdef, p), tokens))(params)
 
     tokens = jax.random.randint(jax.random.PRNGKey(1), (1, seq_len + 1), 0, config.vocab_size)
     start = time.perf_counter()

@@ -95,29 +95,14 @@ def model_token_fn(model, *, chunk_size: int = 1024, batch_size: int = 1,
     import jax.numpy as jnp
     from flax import nnx
 
+    from train.loss import token_losses
+
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def scores(state, ids, targets):
         m = nnx.merge(graphdef, state)
-        hidden = m.hidden_states(ids)
-        B, L, D = hidden.shape
-        chunk = min(chunk_size, L)
-        n = -(-L // chunk)
-        pad = n * chunk - L
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D)
-        targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk)
-
-        def one(args):
-            h, t = args
-            logits = m.logits(h).astype(jnp.float32)
-            picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-            return (jax.nn.logsumexp(logits, axis=-1) - picked,
-                    jnp.argmax(logits, axis=-1) == t)
-
-        nll, top1 = jax.lax.map(one, (hidden.swapaxes(0, 1), targets.swapaxes(0, 1)))
-        unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :L]  # noqa: E731
-        return unchunk(nll), unchunk(top1)
+        return token_losses(m, m.hidden_states(ids), targets, chunk_size)
 
     def call(ids, targets):
         ids, targets = np.asarray(ids, np.int32), np.asarray(targets, np.int32)

@@ -3,9 +3,8 @@
 - `make_optimizer`: optax AdamW after global-norm clipping, learning rate warmed up linearly
   over `warmup_steps` updates (update `s`, 0-based, uses `lr * min(1, (s + 1) / warmup)`),
   then constant. Paper defaults: lr 2e-5, 20 warm-up steps, clip 2.0, weight decay 0.
-- `token_nll`: summed next-token cross-entropy in float32. The vocabulary projection runs
-  chunk by chunk inside a `lax.scan` whose body is rematerialised, so neither the forward nor
-  the backward pass ever holds more than one `[batch, chunk, vocab]` logits block.
+- the loss is `train.loss.token_nll`: summed next-token cross-entropy in float32, the
+  vocabulary projection chunk by chunk (never the logits of the whole sequence at once).
 - `make_train_step`: gradient accumulation over micro-batches (`lax.scan`), float32
   gradients of the float32 master weights (the model computes in its `dtype`, e.g. bf16),
   one optimizer update; returns loss, gradient norm. A step whose loss or gradient norm is
@@ -24,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cca_jax.params import int_keys
+from train.loss import token_nll
 
 
 def learning_rate_schedule(lr: float, warmup_steps: int) -> Callable:
@@ -52,38 +52,6 @@ class ModelFactory:
         state = jax.tree.map(lambda x: x, self.abstract_state)
         nnx.replace_by_pure_dict(state, int_keys(params))
         return nnx.merge(self.graphdef, state)
-
-
-def token_nll(model, tokens, chunk: int):
-    """(sum of next-token negative log-likelihoods in float32, number of predicted tokens).
-
-    tokens: int [B, L + 1]; positions 0..L-1 for every row.
-    """
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    hidden = model.hidden_states(inputs)                      # [B, L, D]
-    B, L, D = hidden.shape
-    chunk = max(1, min(chunk, L))
-    n = -(-L // chunk)
-    pad = n * chunk - L
-    mask = jnp.ones((B, L), jnp.float32)
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    hidden = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)    # [n, B, chunk, D]
-    targets = targets.reshape(B, n, chunk).swapaxes(0, 1)
-    mask = mask.reshape(B, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_nll(h, t, m):
-        logits = model.logits(h)                              # float32 [B, chunk, vocab]
-        return (optax.softmax_cross_entropy_with_integer_labels(logits, t) * m).sum()
-
-    def body(total, xs):
-        return total + chunk_nll(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
-    return total, B * L
 
 
 def make_train_step(factory: ModelFactory, tx, *, chunk: int, param_shardings,

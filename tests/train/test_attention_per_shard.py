@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
     from cca_jax.layer import attention_per_shard
     from train.mesh import make_mesh
     from train.sharding import LOGICAL_AXIS_RULES, rules_for
-    from train.step import token_nll
+    from train.loss import token_nll
 
     assert jax.device_count() == 8
     config = LlamaConfig(vocab_size=64, num_attention_heads=4, num_key_value_heads=2,

@@ -106,7 +106,7 @@ def test_export_is_the_trained_model_and_converts_to_hugging_face(tiny, run_8x1,
     from cca_jax.loading import load_tokenizer
     from cca_jax.converted import read_converted_config
     from train import data
-    from train.step import token_nll
+    from train.loss import token_nll
 
     out = run_8x1[0]
     export = out / "export"

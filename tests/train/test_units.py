@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from cca_jax import LlamaConfig, LlamaForCausalLM
-from train import corpora, data, mesh, sharding, step
+from train import corpora, data, loss, mesh, sharding, step
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -260,7 +260,7 @@ def test_chunked_loss_equals_the_full_logits_loss_and_remat_changes_nothing(rema
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).sum()
 
     def chunked(m):
-        return step.token_nll(m, tokens, chunk=7)      # 29 positions: 5 chunks, 6 padded
+        return loss.token_nll(m, tokens, chunk=7)      # 29 positions: 5 chunks, 6 padded
 
     # The count comes out of the same jitted call (run eagerly, op by op, the model compiled
     # each primitive on its own: most of this test's time).
