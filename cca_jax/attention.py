@@ -20,20 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from cca_jax.blocked import causal_blocked, cca_blocked
+from cca_jax.config import CCA_IMPLEMENTATIONS, check_implementation, check_positive_int
 from cca_jax.reference import causal_reference, cca_reference, pool_core_tokens
 from cca_kernels.cca_attention import cca_attention_pallas
 from cca_kernels.visibility import visible_core_count
 
-CCA_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 CAUSAL_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
-ATTENTION_KINDS = ("cca", "full")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _check_qkv(q, k, v, scale) -> None:
@@ -64,12 +56,6 @@ def _check_qkv(q, k, v, scale) -> None:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
-def _check_implementation(implementation: str, allowed: tuple[str, ...]) -> None:
-    if implementation not in allowed:
-        raise ValueError(f"implementation must be one of {', '.join(map(repr, allowed))}, "
-                         f"got {implementation!r}")
-
-
 def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | None = None,
                   implementation: str = "auto", interpret: bool = False):
     """Core Context Aware attention (SPEC.md), differentiable in q, k and v.
@@ -85,10 +71,10 @@ def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | 
     Returns:
       [B, L, H, d] in q.dtype.
     """
-    _check_positive_int("group_size", group_size)
-    _check_positive_int("window_size", window_size)
+    check_positive_int("group_size", group_size)
+    check_positive_int("window_size", window_size)
     _check_qkv(q, k, v, scale)
-    _check_implementation(implementation, CCA_IMPLEMENTATIONS)
+    check_implementation(implementation, CCA_IMPLEMENTATIONS)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if implementation == "auto":
         implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
@@ -132,7 +118,7 @@ def causal_attention(q, k, v, *, scale: float | None = None, implementation: str
     (memory O(chunk * L), never an L x L array). "cudnn" raises if cuDNN cannot run.
     """
     _check_qkv(q, k, v, scale)
-    _check_implementation(implementation, CAUSAL_IMPLEMENTATIONS)
+    check_implementation(implementation, CAUSAL_IMPLEMENTATIONS)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if implementation == "auto":
         implementation = "cudnn" if cudnn_supported(q) else "xla"
@@ -146,8 +132,3 @@ def causal_attention(q, k, v, *, scale: float | None = None, implementation: str
     if implementation == "reference":
         return causal_reference(q, k, v, scale=scale)
     return causal_blocked(q, k, v, scale=scale)
-
-
-def check_attention_kind(attention: str) -> None:
-    if attention not in ATTENTION_KINDS:
-        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")

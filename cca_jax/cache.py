@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from cca_jax.attention import ATTENTION_KINDS, causal_attention, cca_attention, cudnn_supported
+from cca_jax.attention import causal_attention, cca_attention, cudnn_supported
+from cca_jax.config import ATTENTION_KINDS, DEFAULT_CCA, CCAConfig, accepts_cca_keywords
 from cca_jax.reference import compute_dtype
 from cca_kernels.decode import MASK_VALUE, decode_attention_pallas, decode_attention_reference
 from cca_kernels.visibility import raw_window_start, visible_core_count
@@ -65,9 +66,13 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+@accepts_cca_keywords({"group_size": "group_size", "window_size": "window_size"})
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-    """Everything static about a cache (hashable; part of the jitted functions' signature)."""
+    """Everything static about a cache (hashable; part of the jitted functions' signature).
+
+    `cca` holds g and w (the model's `LlamaConfig.cca`); `group_size=` / `window_size=` are
+    accepted as keywords and read back as properties."""
 
     attention: str       # "cca" or "full"
     batch_size: int
@@ -76,8 +81,7 @@ class CacheSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    group_size: int
-    window_size: int
+    cca: CCAConfig = DEFAULT_CCA
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -85,8 +89,10 @@ class CacheSpec:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got "
                              f"{self.attention!r}")
         for name in ("batch_size", "max_length", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "group_size", "window_size"):
+                     "head_dim"):
             _check_int(name, getattr(self, name))
+        if not isinstance(self.cca, CCAConfig):
+            raise TypeError(f"cca must be a CCAConfig, got {type(self.cca).__name__}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
@@ -108,8 +114,7 @@ class CacheSpec:
         return cls(attention=config.attention if attention is None else attention,
                    batch_size=batch_size, max_length=max_length,
                    num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                   num_kv_heads=config.kv_heads, head_dim=config.head_size,
-                   group_size=config.group_size, window_size=config.window_size,
+                   num_kv_heads=config.kv_heads, head_dim=config.head_size, cca=config.cca,
                    dtype=config.dtype)
 
 
@@ -717,6 +722,9 @@ def check_model_matches(model, spec: CacheSpec) -> None:
     """Raise if a cache of `spec` cannot serve `model` (layers, heads, sizes, dtype)."""
     expected = CacheSpec.for_model(model.config, spec.batch_size, spec.max_length,
                                    spec.attention)
+    # The op implementation is the layer's to choose; the cache fixes only g and w.
+    expected = dataclasses.replace(
+        expected, cca=expected.cca.replace(implementation=spec.cca.implementation))
     if expected != spec:
         raise ValueError(f"the cache ({spec}) does not fit the model (it needs {expected})")
 

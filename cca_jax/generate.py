@@ -41,6 +41,7 @@ from flax import nnx
 
 from cca_jax.cache import (CacheSpec, _check_int, cache_bytes_for, init_cache,
                            normalize_padding, prefill_chunk, resolve_decode_implementation)
+from cca_jax.config import DEFAULT_CCA, CCAConfig
 from cca_jax.llama import check_token_ids
 
 
@@ -573,10 +574,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", choices=("cca", "full"), default="cca",
                         help="cca: compressed CCA cache and CCA attention; full: ordinary "
                              "cache and causal attention (default: %(default)s)")
-    parser.add_argument("--group-size", type=int, default=16, metavar="G",
-                        help="CCA group size g (default: %(default)s)")
-    parser.add_argument("--window-size", type=int, default=1024, metavar="W",
-                        help="CCA local window w (default: %(default)s)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_CCA.group_size, metavar="G",
+                        help="CCA group size g (default: %(default)s, the paper's)")
+    parser.add_argument("--window-size", type=int, default=DEFAULT_CCA.window_size,
+                        metavar="W", help="CCA local window w (default: %(default)s, the "
+                                          "paper's)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
                         help="0 = greedy (default), otherwise sample from softmax(logits / T)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
@@ -705,9 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loading {model_dir} ({dtype}, attention={args.attention}"
               + (f", g={args.group_size}, w={args.window_size}" if args.attention == "cca"
                  else "") + ") ...", file=err, flush=True)
-        model = from_pretrained(model_dir, attention=args.attention,
-                                group_size=args.group_size, window_size=args.window_size,
-                                dtype=dtype)
+        cca = CCAConfig(group_size=args.group_size, window_size=args.window_size)
+        model = from_pretrained(model_dir, attention=args.attention, cca=cca, dtype=dtype)
         eos = set() if args.ignore_eos else _eos_ids(tokenizer, model.config)
         session = CachedGeneration(model, prompt_ids, args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p,

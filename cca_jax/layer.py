@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cca_jax.attention import (CCA_IMPLEMENTATIONS, _check_implementation, _check_positive_int,
-                               causal_attention, cca_attention, check_attention_kind)
+from cca_jax.attention import causal_attention, cca_attention
+from cca_jax.config import DEFAULT_CCA, CCAConfig, check_attention_kind, check_positive_int
 from cca_jax.cache import CacheStep, attend_cached
 from cca_jax.rope import RotaryEmbedding, apply_rope, normalize_rope_scaling
 
@@ -96,16 +96,21 @@ class CCAAttention(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
-                 head_dim: int | None = None, *, attention: str = "cca", group_size: int = 16,
-                 window_size: int = 1024, rope_theta: float = 10000.0, rope_scaling=None,
-                 max_position_embeddings: int = 2048, qkv_bias: bool = False,
-                 out_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 implementation: str = "auto", rngs: nnx.Rngs):
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
-                            ("group_size", group_size), ("window_size", window_size)):
-            _check_positive_int(name, value)
+                 head_dim: int | None = None, *, attention: str = "cca",
+                 cca: CCAConfig = DEFAULT_CCA, group_size: int | None = None,
+                 window_size: int | None = None, rope_theta: float = 10000.0,
+                 rope_scaling=None, max_position_embeddings: int = 2048,
+                 qkv_bias: bool = False, out_bias: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, implementation: str | None = None, rngs: nnx.Rngs):
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+            check_positive_int(name, value)
+        if not isinstance(cca, CCAConfig):
+            raise TypeError(f"cca must be a CCAConfig, got {type(cca).__name__}")
+        # group_size=, window_size= and implementation= replace those fields of `cca`.
+        cca = cca.updated(group_size=group_size, window_size=window_size,
+                          implementation=implementation)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_positive_int("num_kv_heads", num_kv_heads)
+        check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
@@ -114,12 +119,10 @@ class CCAAttention(nnx.Module):
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
                                  f"({num_heads}) unless head_dim is given")
             head_dim = hidden_size // num_heads
-        _check_positive_int("head_dim", head_dim)
+        check_positive_int("head_dim", head_dim)
         check_attention_kind(attention)
-        _check_implementation(implementation, CCA_IMPLEMENTATIONS)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.attention, self.implementation = attention, implementation
-        self.group_size, self.window_size = group_size, window_size
+        self.attention, self.cca = attention, cca
         self.dtype = dtype
         self.rope = RotaryEmbedding(head_dim, float(rope_theta),
                                     normalize_rope_scaling(rope_scaling)
@@ -138,6 +141,18 @@ class CCAAttention(nnx.Module):
         self.v_proj = linear(hidden_size, num_kv_heads * head_dim, qkv_bias,
                              ("embed", "kv_heads"))
         self.o_proj = linear(num_heads * head_dim, hidden_size, out_bias, ("heads", "embed"))
+
+    @property
+    def group_size(self) -> int:
+        return self.cca.group_size
+
+    @property
+    def window_size(self) -> int:
+        return self.cca.window_size
+
+    @property
+    def implementation(self) -> str:
+        return self.cca.implementation
 
     def _check_input(self, x) -> None:
         hidden = self.q_proj.in_features
@@ -171,14 +186,14 @@ class CCAAttention(nnx.Module):
             raise ValueError("a cached call takes step= (a cca_jax.cache.CacheStep) and no "
                              "positions (they follow from the cache)")
         q, k, v = self.project_qkv(x, step.positions(L))
-        out, cache = attend_cached(step, cache, q, k, v, implementation=self.implementation)
+        out, cache = attend_cached(step, cache, q, k, v, implementation=self.cca.implementation)
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim)), cache
 
     def _attend(self, q, k, v):
         if self.attention == "cca":
-            return cca_attention(q, k, v, group_size=self.group_size,
-                                 window_size=self.window_size,
-                                 implementation=self.implementation)
+            return cca_attention(q, k, v, group_size=self.cca.group_size,
+                                 window_size=self.cca.window_size,
+                                 implementation=self.cca.implementation)
         # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
-        impl = "auto" if self.implementation == "pallas" else self.implementation
+        impl = "auto" if self.cca.implementation == "pallas" else self.cca.implementation
         return causal_attention(q, k, v, implementation=impl)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cca_jax.attention import CCA_IMPLEMENTATIONS, _check_positive_int, check_attention_kind
+from cca_jax.config import (DEFAULT_CCA, CCAConfig, accepts_cca_keywords, check_attention_kind,
+                            check_positive_int)
 from cca_jax.layer import CCAAttention, partitioned
 from cca_jax.rope import normalize_rope_scaling
 
@@ -89,9 +90,15 @@ def to_jnp_dtype(name: str, argument: str = "dtype"):
     return DTYPES[name]
 
 
+@accepts_cca_keywords({"group_size": "group_size", "window_size": "window_size",
+                       "attention_implementation": "implementation"})
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture plus attention choice. Sizes default to a tiny test model."""
+    """Architecture plus attention choice. Sizes default to a tiny test model.
+
+    `cca` (a `CCAConfig`: g, w and the op implementation) is used when attention="cca";
+    `group_size=`, `window_size=` and `attention_implementation=` are accepted as keywords
+    (and by `replace`) and read back as properties."""
 
     vocab_size: int = 256
     hidden_size: int = 64
@@ -113,9 +120,7 @@ class LlamaConfig:
     eos_token_id: int | tuple | None = None
     # How attention is computed (not part of the pretrained architecture):
     attention: str = "full"
-    group_size: int = 16
-    window_size: int = 1024
-    attention_implementation: str = "auto"
+    cca: CCAConfig = DEFAULT_CCA
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat: str = "none"           # per-layer rematerialisation policy, see REMAT_POLICIES
@@ -126,11 +131,10 @@ class LlamaConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "group_size", "window_size",
-                     "max_position_embeddings"):
-            _check_positive_int(name, getattr(self, name))
+                     "num_attention_heads", "max_position_embeddings"):
+            check_positive_int(name, getattr(self, name))
         if self.head_dim is not None:
-            _check_positive_int("head_dim", self.head_dim)
+            check_positive_int("head_dim", self.head_dim)
         # RMSNorm divides by sqrt(mean(x^2) + eps): a negative eps makes NaN of small
         # activations; RoPE's frequencies are theta^(-2i/d).
         _check_finite_number("rms_norm_eps", self.rms_norm_eps, minimum=0, inclusive=True)
@@ -141,7 +145,7 @@ class LlamaConfig:
         _check_token_id_field("bos_token_id", self.bos_token_id)
         _check_token_id_field("eos_token_id", self.eos_token_id)
         if self.num_key_value_heads is not None:
-            _check_positive_int("num_key_value_heads", self.num_key_value_heads)
+            check_positive_int("num_key_value_heads", self.num_key_value_heads)
             if self.num_attention_heads % self.num_key_value_heads:
                 raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a "
                                  f"multiple of num_key_value_heads ({self.num_key_value_heads})")
@@ -149,9 +153,10 @@ class LlamaConfig:
             raise ValueError(f"model_type {self.model_type!r} is not supported; supported: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         check_attention_kind(self.attention)
-        if self.attention_implementation not in CCA_IMPLEMENTATIONS:
-            raise ValueError(f"attention_implementation must be one of {CCA_IMPLEMENTATIONS}, "
-                             f"got {self.attention_implementation!r}")
+        if isinstance(self.cca, Mapping):    # from JSON
+            object.__setattr__(self, "cca", CCAConfig(**self.cca))
+        if not isinstance(self.cca, CCAConfig):
+            raise TypeError(f"cca must be a CCAConfig, got {type(self.cca).__name__}")
         to_jnp_dtype(self.dtype, "dtype")
         to_jnp_dtype(self.param_dtype, "param_dtype")
         if self.remat not in REMAT_POLICIES:
@@ -176,7 +181,10 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LlamaConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        # Files written before `cca` existed hold group_size, window_size and
+        # attention_implementation at the top level; the constructor takes them.
+        known = {f.name for f in dataclasses.fields(cls)} | {
+            "group_size", "window_size", "attention_implementation"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown LlamaConfig fields: {', '.join(unknown)}")
@@ -225,12 +233,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, pdtype)
         self.self_attn = CCAAttention(
             config.hidden_size, config.num_attention_heads, config.kv_heads, config.head_size,
-            attention=config.attention, group_size=config.group_size,
-            window_size=config.window_size, rope_theta=config.rope_theta,
+            attention=config.attention, cca=config.cca, rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
             max_position_embeddings=config.max_position_embeddings,
             qkv_bias=config.attention_bias, out_bias=config.attention_out_bias, dtype=dtype,
-            param_dtype=pdtype, implementation=config.attention_implementation, rngs=rngs)
+            param_dtype=pdtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype,
                                                 pdtype)
         self.mlp = LlamaMLP(config, rngs)

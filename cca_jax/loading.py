@@ -25,6 +25,7 @@ from flax import nnx
 
 from cca_jax.hf import (TOKENIZER_FILES, hf_to_params, llama_config_from_hf, load_hf_state_dict,
                         read_hf_config, stored_dtype)
+from cca_jax.config import DEFAULT_CCA, CCAConfig, check_attention_kind
 from cca_jax.converted import is_converted_dir, load_converted, read_converted_config
 from cca_jax.llama import DTYPES, LlamaConfig, LlamaForCausalLM
 from cca_jax.params import flat_by_name, key_path_name
@@ -102,19 +103,21 @@ def read_params(path: str | os.PathLike) -> tuple[LlamaConfig, dict, str]:
     return config, hf_to_params(state_dict, config, keep_dtype=True), stored
 
 
-def from_pretrained(path: str | os.PathLike, *, attention: str = "full", group_size: int = 16,
-                    window_size: int = 1024, dtype=None, param_dtype=None,
-                    implementation: str = "auto") -> LlamaForCausalLM:
+def from_pretrained(path: str | os.PathLike, *, attention: str = "full",
+                    cca: CCAConfig = DEFAULT_CCA, group_size: int | None = None,
+                    window_size: int | None = None, dtype=None, param_dtype=None,
+                    implementation: str | None = None) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` with pretrained weights from a converted or HF directory.
 
     Args:
       path: directory from `python -m cca_jax.convert`, or a Hugging Face model directory.
       attention: "full" (causal softmax, as pretrained) or "cca".
-      group_size, window_size: CCA's g and w (used when attention="cca").
+      cca: CCA's g, w and op implementation (`CCAConfig`; default the paper's g = 16,
+        w = 1024), used when attention="cca" (the stored directory's are not read).
+      group_size, window_size, implementation: replace those fields of `cca`.
       dtype: compute dtype ("float32", "bfloat16", "float16" or a dtype); None keeps the
         stored config's (float32 for Hugging Face directories).
       param_dtype: parameter storage dtype; None keeps the dtype the weights are stored in.
-      implementation: attention implementation, "auto", "reference" or "xla".
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -124,12 +127,14 @@ def from_pretrained(path: str | os.PathLike, *, attention: str = "full", group_s
     dtype = _dtype_name(dtype, "dtype")
     param_dtype = _dtype_name(param_dtype, "param_dtype")
     # Validate the attention arguments before reading any weights.
-    LlamaConfig(attention=attention, group_size=group_size, window_size=window_size,
-                attention_implementation=implementation)
+    check_attention_kind(attention)
+    if not isinstance(cca, CCAConfig):
+        raise TypeError(f"cca must be a CCAConfig, got {type(cca).__name__}")
+    cca = cca.updated(group_size=group_size, window_size=window_size,
+                      implementation=implementation)
     config, params, stored = read_params(path)
-    config = config.replace(attention=attention, group_size=group_size,
-                            window_size=window_size, attention_implementation=implementation,
-                            dtype=dtype or config.dtype, param_dtype=param_dtype or stored)
+    config = config.replace(attention=attention, cca=cca, dtype=dtype or config.dtype,
+                            param_dtype=param_dtype or stored)
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     return load_params_into(model, params)
 

@@ -18,6 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from cca_jax.config import DEFAULT_CCA, CCAConfig
+
 PROMPTS = [
     "The capital of France is",
     # A long prompt (~250 tokens) so that CCA pools most of it into core tokens.
@@ -41,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
                     "print greedy completions with full attention and with CCA side by side.")
     parser.add_argument("--models-dir", default="models",
                         help="where the Hugging Face and converted directories go (default: %(default)s)")
-    parser.add_argument("--group-size", type=int, default=16, help="CCA group size g (default: %(default)s)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_CCA.group_size,
+                        help="CCA group size g (default: %(default)s, the paper's)")
     parser.add_argument("--window-size", type=int, default=64,
-                        help="CCA local window w (default: %(default)s, small so the long prompt is compressed)")
+                        help="CCA local window w (default: %(default)s, not the paper's "
+                             f"{DEFAULT_CCA.window_size}: the built-in prompts are 5 and 165 "
+                             "tokens long, so only a small window pools most of the long one "
+                             "into core tokens; with w = 1024 CCA would be exactly full "
+                             "attention here)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable; default: two built-in prompts)")
     args = parser.parse_args(argv)
@@ -74,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(cca_dir)
     models_by_kind = {
         "full": from_pretrained(cca_dir, attention="full", dtype="float32"),
-        "cca": from_pretrained(cca_dir, attention="cca", group_size=args.group_size,
-                               window_size=args.window_size, dtype="float32"),
+        "cca": from_pretrained(cca_dir, attention="cca", cca=CCAConfig(
+            group_size=args.group_size, window_size=args.window_size), dtype="float32"),
     }
     for prompt in args.prompt or PROMPTS:
         ids = tokenizer(prompt, return_tensors="np")["input_ids"]

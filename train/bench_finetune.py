@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cca_jax.config import DEFAULT_CCA
+
 
 def random_hf_model(config_path: Path, tokenizer_dir: Path, out: Path) -> Path:
     import torch
@@ -44,8 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rope-theta", type=float, default=1e6)
     parser.add_argument("--mesh", default="1x1")
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--window-size", type=int, default=1024)
+    parser.add_argument("--group-size", type=int, default=DEFAULT_CCA.group_size)
+    parser.add_argument("--window-size", type=int, default=DEFAULT_CCA.window_size)
     parser.add_argument("--out", default="bench_finetune_out")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -20,6 +20,7 @@ import jax
 from flax import nnx
 
 from cca_jax import LlamaConfig, LlamaForCausalLM
+from cca_jax.config import DEFAULT_CCA
 from train.loss import token_nll
 
 SHAPES = {
@@ -74,8 +75,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--window-size", type=int, default=1024)
+    parser.add_argument("--group-size", type=int, default=DEFAULT_CCA.group_size)
+    parser.add_argument("--window-size", type=int, default=DEFAULT_CCA.window_size)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)

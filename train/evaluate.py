@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cca_jax.config import DEFAULT_CCA, CCAConfig
 from cca_jax.io import atomic_write_text
 from train import eval_tasks as tasks_lib
 from train.corpora import KJV_HELDOUT_BOOKS
@@ -589,9 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "cca_config.json says, e.g. a train.finetune export; full for a "
                         "Hugging Face directory)")
     g.add_argument("--group-size", type=int, default=None, metavar="G",
-                   help="CCA group size g (default: the model directory's, else 16)")
+                   help="CCA group size g (default: the model directory's, else the "
+                        f"paper's {DEFAULT_CCA.group_size})")
     g.add_argument("--window-size", type=int, default=None, metavar="W",
-                   help="CCA local window w (default: the model directory's, else 1024)")
+                   help="CCA local window w (default: the model directory's, else the "
+                        f"paper's {DEFAULT_CCA.window_size})")
     g.add_argument("--attention-implementation", default="auto",
                    choices=("auto", "xla", "pallas", "reference"),
                    help="attention op implementation (auto: Pallas on a GPU, XLA elsewhere)")
@@ -726,14 +729,13 @@ def stored_attention(model_dir: str | os.PathLike) -> tuple[str, int, int, str]:
     """(attention, g, w, where from) that a model directory was saved with: a converted
     directory's cca_config.json (e.g. a train.finetune export), else full attention with the
     library's defaults (a Hugging Face directory knows nothing of CCA)."""
-    from cca_jax.llama import LlamaConfig
     from cca_jax.converted import is_converted_dir, read_converted_config
 
     if is_converted_dir(model_dir):
         config = read_converted_config(model_dir)
         return config.attention, config.group_size, config.window_size, "the model directory"
-    default = LlamaConfig()
-    return "full", default.group_size, default.window_size, "defaults (no cca_config.json)"
+    return ("full", DEFAULT_CCA.group_size, DEFAULT_CCA.window_size,
+            "defaults (no cca_config.json)")
 
 
 def resolve_attention(args) -> str:
@@ -823,9 +825,9 @@ def main(argv: list[str] | None = None) -> int:
           + (f", g={args.group_size}, w={args.window_size}" if args.attention == "cca" else "")
           + f") on {jax.default_backend()} ...", file=err, flush=True)
     try:
-        model = from_pretrained(args.model, attention=args.attention,
-                                group_size=args.group_size, window_size=args.window_size,
-                                dtype=dtype, implementation=args.attention_implementation)
+        cca = CCAConfig(group_size=args.group_size, window_size=args.window_size,
+                        implementation=args.attention_implementation)
+        model = from_pretrained(args.model, attention=args.attention, cca=cca, dtype=dtype)
         model = with_rope(model, args.rope_theta, rope_scaling)
     except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as error:
         print(f"error: {error}", file=err)

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cca_jax.config import DEFAULT_CCA
 from cca_jax.io import atomic_write_text
 from train import statistics
 from train.plots import length_axis, save_figure
@@ -527,9 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "LLaMA/Qwen2 directory")
     p.add_argument("--out", type=Path, default=Path("runs/quality"),
                    help="where fine-tunes, evaluations, logs and the comparison go")
-    p.add_argument("--group-size", type=int, default=16, help="CCA group size g")
-    p.add_argument("--windows", type=int, nargs="+", default=[256, 1024],
-                   help="CCA local windows w to compare")
+    p.add_argument("--group-size", type=int, default=DEFAULT_CCA.group_size,
+                   help="CCA group size g (default: the paper's)")
+    p.add_argument("--windows", type=int, nargs="+",
+                   default=[256, DEFAULT_CCA.window_size],
+                   help="CCA local windows w to compare (default: the paper's "
+                        f"{DEFAULT_CCA.window_size} and a quarter of it, to see what a "
+                        "smaller window costs)")
     g = p.add_argument_group("fine-tuning (the same for every attention)")
     g.add_argument("--steps", type=int, default=500, help="optimizer updates per fine-tune")
     g.add_argument("--seq-len", type=int, default=8192, help="tokens per training sequence")
