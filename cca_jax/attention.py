@@ -3,7 +3,7 @@
 The NNX layer that projects, rotates and calls these ops is `cca_jax.layer.CCAAttention`.
 
 `cca_attention` checks its arguments before any compute and dispatches to one
-implementation of the same function (SPEC.md):
+implementation of the same function (docs/cca.md):
 
 - "reference": the readable dense definition in `cca_jax.reference` (small L only);
 - "xla": blocked jnp in `cca_jax.blocked`, never an `L x L` array, any backend;
@@ -58,7 +58,7 @@ def _check_qkv(q, k, v, scale) -> None:
 
 def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | None = None,
                   implementation: str = "auto", interpret: bool = False):
-    """Core Context Aware attention (SPEC.md), differentiable in q, k and v.
+    """Core Context Aware attention (docs/cca.md), differentiable in q, k and v.
 
     Args:
       q: queries after RoPE, [B, L, H, d].

@@ -106,7 +106,7 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
     pad = [(0, 0), (0, Lp - L), (0, 0), (0, 0)]
     q_chunks = jnp.pad(q, pad).reshape(B, n_chunks, Q, Hkv, r, d).swapaxes(0, 1)
     k_pad, v_pad = jnp.pad(k, pad), jnp.pad(v, pad)
-    # Widest raw span a chunk can need (SPEC 2: the window holds < w + g keys per query).
+    # Widest raw span a chunk can need (docs/cca.md §2: the window holds < w + g keys per query).
     R = min(Q + w + g - 1, Lp)
     core_k5 = core_k.reshape(B, C, Hkv, r, d)
     core_v5 = core_v.reshape(B, C, Hkv, r, d)
@@ -148,7 +148,7 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
                                              "chunk_size"))
 def cca_blocked(q, k, v, *, group_size: int, window_size: int, scale: float,
                 chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """CCA attention (SPEC.md) in query chunks; same function as `cca_reference`."""
+    """CCA attention (docs/cca.md) in query chunks; same function as `cca_reference`."""
     L = q.shape[1]
     # Only groups that some query can see are pooled: c(L - 1) of them.
     n_visible = visible_core_count(L - 1, group_size, window_size)

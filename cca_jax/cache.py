@@ -1,4 +1,4 @@
-"""Decode state for cached generation: the compressed CCA cache (SPEC.md section 5) or a full
+"""Decode state for cached generation: the compressed CCA cache (docs/cca.md §5) or a full
 KV cache, behind one interface, plus the cached forward passes of a `LlamaForCausalLM`.
 
 Layout (static shapes, preallocated for `max_length` tokens; B = batch, H / Hkv = query / KV
@@ -18,7 +18,7 @@ heads, d = head dim, g / w = group size / window):
     lengths          [B] int32: tokens cached per sequence (= position of the next token)
     spec             `CacheSpec` (static, not a leaf)
 
-Per decoded token at position t (SPEC section 5): its k, v go to raw slot t % R; if t closes
+Per decoded token at position t (docs/cca.md §5): its k, v go to raw slot t % R; if t closes
 group j (`(t + 1) % g == 0`, j = (t + 1) / g - 1), its query weighs the group's keys (all
 still in the ring) and the group's core token is pooled at once into core slot j (groups
 j >= C never become visible and are not stored). A slot is written before any query can see
@@ -27,7 +27,7 @@ at least w positions earlier, and the raw slots holding positions c(t) * g .. t,
 softmax (`cca_kernels.decode`). Pooling at closing time computes the same products as
 pooling when the group becomes visible, with no pooling weights to keep in between.
 Cache bytes per layer and sequence: (w + g) * Hkv * d * 2 + floor((L - w) / g) * H * d * 2
-values (SPEC section 5).
+values (docs/cca.md §5).
 
 Sequences of different lengths: the prompts are right-aligned to start at column 0 (see
 `normalize_padding`); each sequence has its own `lengths` entry, its own positions starting
@@ -245,7 +245,7 @@ def _rows_get(array, index):
 
 
 def _group_weights(q_last, k_group, scale):
-    """Pooling weights (SPEC section 1) of groups: q_last [B, J, H, d] (the query of each
+    """Pooling weights (docs/cca.md §1) of groups: q_last [B, J, H, d] (the query of each
     group's last token), k_group [B, J, g, Hkv, d] -> [B, J, H, g] float32 (or wider)."""
     B, J, H, d = q_last.shape
     Hkv = k_group.shape[3]
@@ -518,7 +518,7 @@ def append_layer(spec: CacheSpec, layer_cache, q, k, v, start, count, *, block_q
     tokens: the rest are padding, never stored and never seen by a real query. Returns
     (attention output [B, T, H, d] in q.dtype, rows' padding columns unspecified; the new
     layer cache). Computes exactly what `prefill_layer` followed by decode steps computes
-    (SPEC sections 2 and 5), blocked: the queries in blocks of `block_q`, the keys of each
+    (docs/cca.md §2 and §5), blocked: the queries in blocks of `block_q`, the keys of each
     block in blocks of `block_k` with an online softmax, so no [T, T] or [T, L] array exists.
     Full attention can instead run `full_implementation` "cudnn" (a GPU: two fused cuDNN
     calls merged by log-sum-exp, `_append_full_merged`) or "xla" (the same merge over XLA

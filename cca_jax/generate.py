@@ -2,8 +2,8 @@
 uncached greedy oracle.
 
 `generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
-attention=None)` fills a `cca_jax.cache.DecodeCache` (the compressed CCA cache of SPEC
-section 5, or a full cache with attention="full") with the prompt, chunk by chunk
+attention=None)` fills a `cca_jax.cache.DecodeCache` (the compressed CCA cache of
+docs/cca.md §5, or a full cache with attention="full") with the prompt, chunk by chunk
 (`prefill_chunk` columns per jitted call, so that activations follow the chunk and not the
 prompt), then decodes on the device, `decode_chunk` tokens per jitted call (a
 `lax.while_loop` with sampling and end-of-sequence stopping inside; the cache is donated
@@ -559,7 +559,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cca_jax.generate",
         description="Generate text with a KV cache: the compressed CCA cache (core tokens + "
-                    "raw window, SPEC section 5) or a full cache. The continuation is streamed "
+                    "raw window, docs/cca.md §5) or a full cache. The continuation is streamed "
                     "to stdout; progress and the closing statistics (prefill seconds, decode "
                     "tokens/s, cache bytes next to a full cache) go to stderr.")
     parser.add_argument("--model", required=True, metavar="PATH",

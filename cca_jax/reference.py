@@ -1,4 +1,4 @@
-"""The exact CCA attention function of SPEC.md, written to be read, in plain jnp.
+"""The exact CCA attention function of docs/cca.md, written to be read, in plain jnp.
 
 This is the oracle every other implementation is tested against. It builds dense
 `[L, L]` masks, so it is for short sequences only; the blocked XLA path and the Pallas
@@ -28,7 +28,7 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def pool_core_tokens(q, k, v, *, group_size: int, scale: float, num_groups: int | None = None):
-    """Globality-aware pooling (SPEC section 1): one core key/value per group and query head.
+    """Globality-aware pooling (docs/cca.md §1): one core key/value per group and query head.
 
     q: [B, L, H, d]; k, v: [B, L, Hkv, d]. Returns (core_k, core_v), each [B, C, H, d] where
     C = num_groups (default: every complete group, L // g). Group j's weights are the
@@ -68,7 +68,7 @@ def mask_nonfinite_values(out, seen_nonfinite):
 
 
 def cca_reference(q, k, v, *, group_size: int, window_size: int, scale: float):
-    """CCA attention exactly as SPEC.md defines it, with dense masks (small L only)."""
+    """CCA attention exactly as docs/cca.md defines it, with dense masks (small L only)."""
     B, L, H, d = q.shape
     r = H // k.shape[2]
     ct = compute_dtype(q.dtype)
@@ -103,5 +103,5 @@ def cca_reference(q, k, v, *, group_size: int, window_size: int, scale: float):
 def causal_reference(q, k, v, *, scale: float):
     """Plain causal softmax attention with GQA, dense (small L only)."""
     L = q.shape[1]
-    # CCA with a window covering the whole sequence is exactly causal attention (SPEC 2).
+    # CCA with a window covering the whole sequence is exactly causal attention (docs/cca.md §2).
     return cca_reference(q, k, v, group_size=1, window_size=L, scale=scale)

@@ -6,7 +6,7 @@ For each length and KV-head count: B=1, H=32, d=128, g=16, w=1024, bf16. Times t
 forward (pooling included) and forward+backward, and `jax.nn.dot_product_attention(
 implementation="cudnn", is_causal=True)` forward and forward+backward, as the median of
 repeats after warm-up. Effective TFLOP/s counts only the keys each query really sees
-(SPEC section 4): forward 4*d*H*sum_m keys(m), backward 2.5 times that. Peak memory is
+(docs/cca.md §4): forward 4*d*H*sum_m keys(m), backward 2.5 times that. Peak memory is
 XLA's compiled estimate (arguments + outputs + temporaries). Prints a table, writes JSON
 and a log-log PNG of time against L. A benchmark, not a test: it needs a GPU.
 """

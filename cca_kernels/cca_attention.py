@@ -1,4 +1,4 @@
-"""CCA attention (SPEC.md sections 2-3) as Pallas kernels with a Pallas backward pass.
+"""CCA attention (docs/cca.md §2-3) as Pallas kernels with a Pallas backward pass.
 
 `cca_attention_pallas(q, k, v, core_k, core_v, ...)` computes, for every query m and query
 head h, ONE softmax over

@@ -1,6 +1,6 @@
 """Decode attention: one new query per sequence against [visible core tokens ; raw window].
 
-This is the attention of one decode step of the CCA cache (SPEC.md section 5). For each
+This is the attention of one decode step of the CCA cache (docs/cca.md §5). For each
 sequence b and query head h (GQA: h uses key/value head h // r) it computes ONE softmax over
 
     core tokens j < core_count[b]   from core_k / core_v  ([B, C, H, d], per query head)

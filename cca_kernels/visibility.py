@@ -1,4 +1,4 @@
-"""The CCA visibility rule (SPEC.md section 2), written once for every implementation.
+"""The CCA visibility rule (docs/cca.md §2), written once for every implementation.
 
 Query position `m` sees the first `c(m) = max(0, floor((m + 1 - w) / g))` core tokens and the
 raw keys `c(m) * g .. m`. The reference, the blocked XLA path, the kernels' masks and the

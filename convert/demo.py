@@ -7,7 +7,7 @@
 2. converts it with `python -m cca_jax.convert` (skipped when already converted),
 3. greedily completes a few prompts with attention="full" and attention="cca" and prints
    the completions side by side. A prompt shorter than the window is exactly causal
-   attention under CCA (SPEC section 2), so the demo window is small enough that the long
+   attention under CCA (docs/cca.md §2), so the demo window is small enough that the long
    prompt is really compressed.
 """
 from __future__ import annotations

@@ -53,7 +53,7 @@ def test_bfloat16_inputs_close_to_float32_reference():
 @pytest.mark.parametrize("implementation", ["reference", "xla"])
 @pytest.mark.parametrize("g,w", [(1, 1), (4, 100), (16, 100)])
 def test_reduces_to_causal_attention(implementation, g, w):
-    """g = w = 1 and w >= L are exactly causal attention (SPEC section 2)."""
+    """g = w = 1 and w >= L are exactly causal attention (docs/cca.md §2)."""
     q, k, v, _ = random_qkv(3, 2, 100, 4, 2, 16)
     # Jitted: eagerly, op by op, the reference compiled each of its primitives on its own.
     cca = jax.jit(lambda q, k, v: cca_attention(q, k, v, group_size=g, window_size=w,
@@ -76,7 +76,7 @@ def test_visible_core_count_formula():
     expected = np.maximum(0, np.floor((m + 1 - w) / g)).astype(int)
     np.testing.assert_array_equal(visible_core_count(jnp.asarray(m), g, w), expected)
     assert [visible_core_count(int(x), g, w) for x in m] == list(expected)
-    # With w % g == 0 this is the original kernel's mask (SPEC section 2).
+    # With w % g == 0 this is the original kernel's mask (docs/cca.md §2).
     g, w = 4, 16
     for x in range(100):
         c = visible_core_count(x, g, w)

@@ -2,7 +2,7 @@
 
 The strongest check lives here: random q, k, v; a prefill of each sequence's prompt, then
 one decode step per token; every decoded output must equal the full-sequence reference
-(`cca_reference`, the SPEC oracle) at that position. The cases cover g = 1, w = 1, w not a
+(`cca_reference`, the oracle of docs/cca.md) at that position. The cases cover g = 1, w = 1, w not a
 multiple of g, w < g, prompts shorter than w and longer than w + g, caches too short to hold
 any core token, and sequences of different lengths in one batch.
 """
@@ -87,7 +87,7 @@ def test_cca_cache_decode_equals_full_sequence_reference(B, H, Hkv, d, g, w, pro
     assert len(outputs) == B * steps
     worst = max(np.abs(out - reference[b, t]).max() for (b, t), out in outputs.items())
     assert worst < 1e-5, worst
-    # The core tokens held are the SPEC pooling of the groups visible to the last query.
+    # The core tokens held are the pooling (docs/cca.md §1) of the groups visible to the last query.
     core_k, core_v = pool_core_tokens(q, k, v, group_size=g, scale=1 / math.sqrt(d))
     for b, total in enumerate(totals):
         n = visible_core_count(total - 1, g, w)   # seen by the last decoded position
@@ -159,7 +159,7 @@ CHUNK_CASES = [
 def test_chunks_equal_the_full_sequence_reference(attention, B, H, Hkv, d, g, w, totals,
                                                   max_length, schedule, blocks, first_empty):
     """Appending chunks of any width: every position's output equals the full-sequence
-    reference (the SPEC oracle), and the core tokens held are the SPEC pooling of the groups
+    reference (the oracle of docs/cca.md), and the core tokens held are the pooling (docs/cca.md §1) of the groups
     visible to the last position."""
     T = max_length
     q, k, v, _ = random_qkv(T * 7 + g + len(schedule), B, T, H, Hkv, d)
@@ -275,7 +275,7 @@ def test_memory_llama2_7b_at_128k_is_over_90_percent_below_a_full_cache():
         spec, attention="full"))))
     assert full == L * H * d * 2 * 2 * layers + 4 == 64 * 2 ** 30 + 4
     assert 1 - cca / full >= 0.90, (cca, full)
-    assert cca / 2 ** 30 < 4.6, cca / 2 ** 30     # SPEC/ANCHORS: about 4.5 GiB
+    assert cca / 2 ** 30 < 4.6, cca / 2 ** 30     # docs/cca.md §5: about 4.5 GiB
 
 
 @pytest.mark.parametrize("L,g,w,H,Hkv,d,dtype,B,layers", [
@@ -284,7 +284,7 @@ def test_memory_llama2_7b_at_128k_is_over_90_percent_below_a_full_cache():
     (40, 16, 8, 2, 1, 8, "float32", 1, 1),
 ])
 def test_byte_count_matches_spec_section_5(L, g, w, H, Hkv, d, dtype, B, layers):
-    """SPEC 5: per layer and sequence (w + g) * Hkv * d * 2 raw values plus
+    """docs/cca.md §5: per layer and sequence (w + g) * Hkv * d * 2 raw values plus
     floor((L - w) / g) * H * d * 2 core values, and one int32 length per sequence. Every
     leaf is accounted for."""
     spec = CacheSpec(attention="cca", batch_size=B, max_length=L, num_layers=layers,

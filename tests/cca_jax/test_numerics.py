@@ -20,7 +20,7 @@ def _jitted(implementation):
 
 
 def _rows_that_see(tensor: str, position: int) -> np.ndarray:
-    """[L] bool: the query rows whose output depends on `tensor`[position] (SPEC 1-2)."""
+    """[L] bool: the query rows whose output depends on `tensor`[position] (docs/cca.md §1-2)."""
     m = np.arange(L)
     visible = np.array([visible_core_count(int(x), G, W) for x in m])
     group = position // G

@@ -19,7 +19,7 @@ from tests.conftest import golden_cases, random_qkv, relative_error, value_and_g
 
 
 def _dense_given_core(q, k, v, core_k, core_v, g, w, scale):
-    """SPEC section 3 with the core tokens given (any C >= c(L - 1)), dense, float32."""
+    """docs/cca.md §3 with the core tokens given (any C >= c(L - 1)), dense, float32."""
     hi = jax.lax.Precision.HIGHEST
     L, H = q.shape[1], q.shape[2]
     r = H // k.shape[2]
