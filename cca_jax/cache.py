@@ -54,6 +54,7 @@ from flax import struct
 from cca_jax.attention import causal_attention, cca_attention, cudnn_supported
 from cca_jax.config import ATTENTION_KINDS, DEFAULT_CCA, CCAConfig, accepts_cca_keywords
 from cca_jax.reference import compute_dtype
+from cca_kernels.cca_attention import cca_attention_pallas
 from cca_kernels.decode import MASK_VALUE, decode_attention_pallas, decode_attention_reference
 from cca_kernels.visibility import raw_window_start, visible_core_count
 
@@ -680,8 +681,7 @@ def attend_cached(step: CacheStep, layer_cache, q, k, v, *, implementation: str 
     if step.empty:
         new_cache = prefill_layer(spec, q, k, v, step.count)
         if spec.attention == "cca":
-            out = cca_attention(q, k, v, group_size=spec.group_size,
-                                window_size=spec.window_size, implementation=implementation)
+            out = _first_chunk_cca(spec, new_cache, q, k, v, implementation, step.interpret)
         else:
             # Full attention has no Pallas kernel of ours: "pallas" means the fastest path.
             impl = "auto" if implementation == "pallas" else implementation
@@ -703,6 +703,25 @@ def attend_cached(step: CacheStep, layer_cache, q, k, v, *, implementation: str 
                              "head_dim <= 128 (multiple of 8)")
     return append_layer(spec, layer_cache, q, k, v, step.start, step.count, block_q=block_q,
                         block_k=block_k, full_implementation=full_implementation)
+
+
+def _first_chunk_cca(spec: CacheSpec, layer_cache, q, k, v, implementation: str,
+                     interpret: bool):
+    """The one-shot CCA attention of a first prompt chunk. On the Pallas path the kernel takes
+    the core tokens that `prefill_layer` has just pooled into the cache (the same groups,
+    pooled by the same function in the same compute dtype, stored in q's dtype) instead of
+    pooling them a second time: at 2K-4K tokens the extra pooling kernels of every layer cost
+    more than the attention kernel saves over cuDNN (cca_kernels/NOTES.md)."""
+    g, w = spec.group_size, spec.window_size
+    pallas = implementation == "pallas" or (implementation == "auto"
+                                            and jax.default_backend() == "gpu")
+    if pallas and (interpret or jax.default_backend() == "gpu") and (
+            jnp.dtype(spec.dtype) == q.dtype):
+        n = visible_core_count(q.shape[1] - 1, g, w)   # <= the groups prefill_layer pooled
+        return cca_attention_pallas(q, k, v, layer_cache.core_k[:, :n],
+                                    layer_cache.core_v[:, :n], group_size=g, window_size=w,
+                                    scale=1.0 / math.sqrt(q.shape[-1]), interpret=interpret)
+    return cca_attention(q, k, v, group_size=g, window_size=w, implementation=implementation)
 
 
 def append_blocks(batch: int, heads: int, length: int) -> tuple[int, int]:

@@ -247,6 +247,10 @@ def main(argv=None) -> int:
     serve.add_argument("--prefill-batches", nargs="*", default=[], metavar="B:L",
                        help="real prefills of B prompts of L tokens (then decoding)")
     serve.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
+    serve.add_argument("--prefill-repeats", type=int, default=1, metavar="N",
+                       help="B = 1 runs: time N whole generations after the warm-up one and "
+                            "report the median prefill (default %(default)s; short prompts "
+                            "take tens of ms, where one run is within noise)")
     serve.add_argument("--skip-exactness", action="store_true")
     serve.add_argument("--bandwidth", type=float, default=None, metavar="TB/s",
                        help="memory bandwidth of the roofline (default 4.3: the copy ceiling "

@@ -1,7 +1,8 @@
 """Serving benchmark of cached generation on a GPU (a benchmark, not a test):
 
     python -m cca_kernels.bench_decode --shape llama2-7b [--lengths 8192 32768 131072]
-        [--batches 1 8 32 max] [--batch-lengths 32768 131072] [--new-tokens 64] [--json F]
+        [--batches 1 8 32 max] [--batch-lengths 32768 131072] [--new-tokens 64]
+        [--prefill-repeats N] [--json F]
 
 Random weights of `train.bench_model.SHAPES[--shape]` in bf16, g = 16, w = 1024. For each
 attention kind (one model each):
@@ -94,8 +95,9 @@ def check_exactness(model, attention: str, prompt: int = 3000, new: int = 8) -> 
 
 def run_generation(model, attention: str, batch: int, length: int, new_tokens: int,
                    bandwidth: float, weight_bytes: int, *, prefill_chunk=None,
-                   warm: bool = True) -> dict:
-    """A real prefill of `batch` prompts of `length` tokens, then decoding."""
+                   warm: bool = True, repeats: int = 1) -> dict:
+    """A real prefill of `batch` prompts of `length` tokens, then decoding; with `warm` one
+    untimed generation first; `repeats` timed generations, the prefill their median."""
     from cca_jax.generate import CachedGeneration
 
     config = model.config
@@ -108,16 +110,22 @@ def run_generation(model, attention: str, batch: int, length: int, new_tokens: i
         row["prefill_chunk"] = session.chunk_width
         session.compile()
         row["compile_s"] = session.stats.compile_s
-        for _ in range(2 if warm else 1):
+        if warm:
             for _ in session:
                 pass
+        prefills = []
+        for _ in range(max(1, repeats)):
+            for _ in session:
+                pass
+            prefills.append(session.stats.prefill_s)
     except Exception as error:  # out of memory is a result here, anything else is not
         if not _is_oom(error):
             raise
         row["error"] = "out of memory"
         return row
     s = session.stats
-    row.update(prefill_s=s.prefill_s, prefill_chunks=s.prefill_chunks,
+    row.update(prefill_s=float(np.median(prefills)), prefill_s_runs=prefills,
+               prefill_chunks=s.prefill_chunks,
                cache_gib=s.cache_bytes / 2 ** 30,
                decode_tokens_per_s=s.decode_tokens_per_s,
                aggregate_tokens_per_s=batch * s.decode_tokens_per_s)
@@ -206,7 +214,7 @@ def _fmt(row) -> str:
     if "error" in row:
         return (f"| {row['attention']} | {row['batch']} | {row['length']} | {row['mode']} | "
                 f"{row['error']} | | | | |")
-    prefill = f"{row['prefill_s']:.2f}" if "prefill_s" in row else "-"
+    prefill = f"{row['prefill_s']:.3f}" if "prefill_s" in row else "-"
     return (f"| {row['attention']} | {row['batch']} | {row['length']} | {row['mode']} | "
             f"{prefill} | {row['decode_tokens_per_s']:.1f} | "
             f"{row['aggregate_tokens_per_s']:.0f} | {row['ms_per_step']:.2f} / "
@@ -278,7 +286,8 @@ def run(args) -> int:
         for length in args.lengths:
             # Long prompts run once (compiled ahead, so that run is warm in that sense).
             row = run_generation(model, attention, 1, length, args.new_tokens, bandwidth,
-                                 weight_bytes, warm=length < 65536)
+                                 weight_bytes, warm=length < 65536,
+                                 repeats=args.prefill_repeats)
             results["rows"].append(row)
             print(_fmt(row), flush=True)
             save()

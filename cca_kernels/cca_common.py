@@ -82,8 +82,16 @@ def _device_kind() -> str:
         return ""
 
 
-def default_block_sizes(head_dim: int, dtype, *, interpret: bool) -> BlockSizes:
-    """Tile table keyed by GPU generation, head dim and input width."""
+# Up to this sequence length a Hopper forward on bf16/fp16 with head_dim > 64 takes 64 x 64
+# tiles with 4 warps: measured on an H200 (2026-12-04, cca_kernels/NOTES.md), 6-7% faster
+# than 128 x 128 at 2K-8K and 7% slower at 32K, 9% slower at 128K.
+SHORT_FORWARD_LENGTH = 8192
+
+
+def default_block_sizes(head_dim: int, dtype, *, interpret: bool,
+                        length: int | None = None) -> BlockSizes:
+    """Tile table keyed by GPU generation, head dim, input width and (for the forward tiles)
+    the sequence length (None: the long-sequence tiles)."""
     if interpret:
         # The CPU interpreter pays per grid step and per loop iteration, not per element.
         return BlockSizes(32, 32, 32, 32, 32, 32)
@@ -101,6 +109,9 @@ def default_block_sizes(head_dim: int, dtype, *, interpret: bool) -> BlockSizes:
         # Measured on an H100 (cca_kernels/NOTES.md): 8 backward warps on 64x64 tiles ran the
         # backward 2x slower than 4; a 128x128 forward tile beat 128x64 by 9% at 128K.
         if big_head:
+            if length is not None and length <= SHORT_FORWARD_LENGTH:
+                return BlockSizes(64, 64, 64, 64, 64, 64, num_warps=4, num_stages=3,
+                                  num_warps_bwd=4, num_stages_bwd=2)
             return BlockSizes(128, 128, 64, 64, 64, 64, num_warps=8, num_stages=3,
                               num_warps_bwd=4, num_stages_bwd=2)
         return BlockSizes(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=3,
@@ -124,7 +135,7 @@ def resolve_block_sizes(block_sizes, head_dim: int, dtype, length: int, *,
     shrunk to the (power-of-2 rounded) sequence length so that short inputs are not padded to
     a large tile."""
     if block_sizes is None:
-        sizes = default_block_sizes(head_dim, dtype, interpret=interpret)
+        sizes = default_block_sizes(head_dim, dtype, interpret=interpret, length=length)
     elif isinstance(block_sizes, BlockSizes):
         sizes = block_sizes
     elif isinstance(block_sizes, dict):
@@ -133,8 +144,8 @@ def resolve_block_sizes(block_sizes, head_dim: int, dtype, length: int, *,
         if unknown:
             raise ValueError(f"block_sizes has unknown fields {sorted(unknown)}; "
                              f"known: {sorted(fields)}")
-        sizes = dataclasses.replace(default_block_sizes(head_dim, dtype, interpret=interpret),
-                                    **block_sizes)
+        sizes = dataclasses.replace(default_block_sizes(head_dim, dtype, interpret=interpret,
+                                                        length=length), **block_sizes)
     else:
         raise TypeError(f"block_sizes must be None, a BlockSizes or a dict, got "
                         f"{type(block_sizes).__name__}")

@@ -18,6 +18,11 @@ Non-finite values reach only the rows that see them (as in `cca_jax.reference`):
 boundary block a masked pair has probability 0, and 0 * NaN would still be NaN, so there the
 value rows holding a NaN / Inf enter the product as zeros and the query rows that see one of
 them are remembered and written as NaN. Blocks without a mask are seen whole by every row.
+That bookkeeping doubled the kernel's time at 2K-8K (H200, 2026-12-04), so it runs only when
+the values hold a non-finite number at all: the wrapper passes one flag (any non-finite value
+in v or core_v, one pass over them) and each program branches once on it, into one of two
+copies of its loops. Without a non-finite value the bookkeeping changes nothing, so both
+copies give the same bits.
 """
 from __future__ import annotations
 
@@ -33,17 +38,24 @@ from cca_kernels.cca_common import (LOG2E, MASK_VALUE, Static, block_loops, core
                                 dot, iota, raw_key_blocks, raw_mask, row_visibility)
 
 
-def _online_softmax_step(carry, scores, mask, values, exact):
+def _nonfinite_bookkeeping(mask, seen, values):
+    """Zero the value rows holding a NaN / Inf and remember the rows of `mask` that see one."""
+    # [block_k]; a float max, since Triton lowers no boolean reduction.
+    bad = jnp.max(jnp.where(jnp.isfinite(values), 0.0, 1.0), axis=1) > 0
+    seen = jnp.maximum(seen, jnp.max(jnp.where(mask & bad[None, :], 1.0, 0.0), axis=1))
+    return seen, jnp.where(bad[:, None], jnp.zeros((), values.dtype), values)
+
+
+def _online_softmax_step(carry, scores, mask, values, exact, bookkeeping):
     """One key block of the online softmax; `scores` already scaled to base 2; mask None for
     a block whose keys are all visible to all rows. `seen` (float32 0/1 per row) records
-    the rows that see a non-finite value of a masked block."""
+    the rows that see a non-finite value of a masked block; with `bookkeeping` False (no
+    value is non-finite) that is skipped: it would change nothing."""
     acc, m_prev, l_prev, seen = carry
     if mask is not None:
         scores = jnp.where(mask, scores, MASK_VALUE)
-        # [block_k]; a float max, since Triton lowers no boolean reduction.
-        bad = jnp.max(jnp.where(jnp.isfinite(values), 0.0, 1.0), axis=1) > 0
-        seen = jnp.maximum(seen, jnp.max(jnp.where(mask & bad[None, :], 1.0, 0.0), axis=1))
-        values = jnp.where(bad[:, None], jnp.zeros((), values.dtype), values)
+        if bookkeeping:
+            seen, values = _nonfinite_bookkeeping(mask, seen, values)
     m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
     correction = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(scores - m_next[:, None])
@@ -54,9 +66,10 @@ def _online_softmax_step(carry, scores, mask, values, exact):
 
 def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
     if st.has_core:
-        q_ref, k_ref, v_ref, ck_ref, cv_ref, o_ref, lse_ref = refs
+        flag_ref, q_ref, k_ref, v_ref, ck_ref, cv_ref, o_ref, lse_ref = refs
     else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        flag_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    nonfinite = jnp.max(flag_ref[...]) > 0
     g, w = st.group_size, st.window_size
     bq, bk = st.blocks.block_q, st.blocks.block_k
     exact = st.exact_f32
@@ -67,35 +80,40 @@ def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
     q = q_ref[...]
     head_dim = q.shape[-1]
 
-    carry = (jnp.zeros((bq, head_dim), jnp.float32),
-             jnp.full((bq,), -jnp.inf, jnp.float32),
-             jnp.zeros((bq,), jnp.float32),
-             jnp.zeros((bq,), jnp.float32))
+    def attend(bookkeeping):
+        carry = (jnp.zeros((bq, head_dim), jnp.float32),
+                 jnp.full((bq,), -jnp.inf, jnp.float32),
+                 jnp.zeros((bq,), jnp.float32),
+                 jnp.zeros((bq,), jnp.float32))
+        if st.has_core:
+            def core_body(masked):
+                def body(jb, carry):
+                    j0 = pl.multiple_of(jb * bk, bk)
+                    kc = ck_ref[pl.ds(j0, bk), :]
+                    vc = cv_ref[pl.ds(j0, bk), :]
+                    scores = dot(q, kc, trans_b=True, exact=exact) * st.qk_scale
+                    mask = core_mask(counts, iota(j0, bk)) if masked else None
+                    return _online_softmax_step(carry, scores, mask, vc, exact, bookkeeping)
+                return body
 
-    if st.has_core:
-        def core_body(masked):
-            def body(jb, carry):
-                j0 = pl.multiple_of(jb * bk, bk)
-                kc = ck_ref[pl.ds(j0, bk), :]
-                vc = cv_ref[pl.ds(j0, bk), :]
-                scores = dot(q, kc, trans_b=True, exact=exact) * st.qk_scale
-                mask = core_mask(counts, iota(j0, bk)) if masked else None
-                return _online_softmax_step(carry, scores, mask, vc, exact)
+            carry = block_loops(core_blocks(m0, bq, bk, g, w, n_core_blocks), core_body,
+                                carry)
+
+        def raw_body(masked):
+            def body(kb, carry):
+                n0 = pl.multiple_of(kb * bk, bk)
+                kr = k_ref[pl.ds(n0, bk), :]
+                vr = v_ref[pl.ds(n0, bk), :]
+                scores = dot(q, kr, trans_b=True, exact=exact) * st.qk_scale
+                mask = raw_mask(rows, first, iota(n0, bk)) if masked else None
+                return _online_softmax_step(carry, scores, mask, vr, exact, bookkeeping)
             return body
 
-        carry = block_loops(core_blocks(m0, bq, bk, g, w, n_core_blocks), core_body, carry)
+        return block_loops(raw_key_blocks(m0, bq, bk, g, w), raw_body, carry)
 
-    def raw_body(masked):
-        def body(kb, carry):
-            n0 = pl.multiple_of(kb * bk, bk)
-            kr = k_ref[pl.ds(n0, bk), :]
-            vr = v_ref[pl.ds(n0, bk), :]
-            scores = dot(q, kr, trans_b=True, exact=exact) * st.qk_scale
-            mask = raw_mask(rows, first, iota(n0, bk)) if masked else None
-            return _online_softmax_step(carry, scores, mask, vr, exact)
-        return body
-
-    acc, m_i, l_i, seen = block_loops(raw_key_blocks(m0, bq, bk, g, w), raw_body, carry)
+    # One branch per program, two copies of the loops: the boundary blocks' bookkeeping only
+    # where some value is non-finite (a branch inside every boundary block cost 7-12% more).
+    acc, m_i, l_i, seen = lax.cond(nonfinite, lambda: attend(True), lambda: attend(False))
 
     # Every query (padded ones included) sees at least its own raw key, so l_i >= 1.
     out = jnp.where(seen[:, None] > 0, jnp.nan, acc / l_i[:, None])
@@ -114,9 +132,15 @@ def cca_forward(q, k, v, core_k, core_v, st: Static):
     n_core_blocks = core_k.shape[1] // bk if st.has_core else 0
 
     full_kv = pl.BlockSpec((None, Lp, None, Dp), lambda i, b, h: (b, 0, lax.div(h, r), 0))
-    in_specs = [pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0)),
-                full_kv, full_kv]
-    args = [q, k, v]
+    q_block = pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0))
+    # One int32 flag (a 16-wide vector: a Triton-friendly tile): does any value that a
+    # boundary block can hold fail isfinite?
+    nonfinite = ~jnp.isfinite(v).all()
+    if st.has_core:
+        nonfinite = nonfinite | ~jnp.isfinite(core_v).all()
+    flag = jnp.broadcast_to(nonfinite.astype(jnp.int32), (16,))
+    in_specs = [pl.BlockSpec((16,), lambda i, b, h: (0,)), q_block, full_kv, full_kv]
+    args = [flag, q, k, v]
     if st.has_core:
         Cp = core_k.shape[1]
         full_core = pl.BlockSpec((None, Cp, None, Dp), lambda i, b, h: (b, 0, h, 0))
@@ -128,7 +152,7 @@ def cca_forward(q, k, v, core_k, core_v, st: Static):
         kernel,
         grid=(Lp // bq, B, H),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0)),
+        out_specs=[q_block,
                    pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((B, H, Lp), jnp.float32)],

@@ -352,3 +352,35 @@ def test_prefill_rejects_a_prompt_longer_than_the_cache():
     q, k, v, _ = random_qkv(0, 1, 9, 2, 2, 8)
     with pytest.raises(ValueError, match="longer than the cache"):
         prefill_layer(spec, q, k, v, jnp.array([9]))
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,d,g,w,counts", [
+    (2, 70, 4, 2, 16, 4, 8, (70, 41)),     # GQA, ragged rows, core tokens visible
+    (1, 45, 2, 2, 8, 4, 10, (45,)),        # w % g != 0
+    (2, 12, 2, 1, 8, 4, 16, (12, 5)),      # shorter than the window: no core token
+])
+def test_first_chunk_on_the_pallas_path_uses_the_cache_core_tokens_exactly(B, T, H, Hkv, d, g,
+                                                                          w, counts):
+    """The first prompt chunk on the Pallas path (interpret mode) takes its core tokens from
+    the cache that prefill_layer built instead of pooling again: its output equals the op's
+    own Pallas result and the reference on every real row (float32)."""
+    from cca_jax import cca_attention
+    from cca_jax.cache import CacheStep, attend_cached
+
+    q, k, v, _ = random_qkv(T + g, B, T, H, Hkv, d)
+    spec = dataclasses.replace(_spec("cca", B, T + 3 * g, H, Hkv, d, g, w), dtype="float32")
+    step = CacheStep(start=jnp.zeros((B,), jnp.int32), count=jnp.asarray(counts, jnp.int32),
+                     spec=spec, empty=True, all_real=False, interpret=True)
+    out, cache = attend_cached(step, None, q, k, v, implementation="pallas")
+    op = cca_attention(q, k, v, group_size=g, window_size=w, implementation="pallas",
+                       interpret=True)
+    ref = cca_reference(q, k, v, group_size=g, window_size=w, scale=1.0 / math.sqrt(d))
+    for b, n in enumerate(counts):
+        np.testing.assert_allclose(np.asarray(out[b, :n]), np.asarray(op[b, :n]), rtol=1e-6,
+                                   atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out[b, :n]), np.asarray(ref[b, :n]), rtol=1e-5,
+                                   atol=1e-5)
+    expected = prefill_layer(spec, q, k, v, jnp.asarray(counts, jnp.int32))
+    for name in ("core_k", "core_v", "raw_k", "raw_v"):
+        np.testing.assert_array_equal(np.asarray(getattr(cache, name)),
+                                      np.asarray(getattr(expected, name)), err_msg=name)

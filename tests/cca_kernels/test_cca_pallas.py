@@ -123,6 +123,18 @@ def test_gpu_table_is_valid(monkeypatch):
                 # The tuned H100 row (cca_kernels/NOTES.md).
                 assert (sizes.block_q, sizes.block_k, sizes.num_warps) == (128, 128, 8)
                 assert (sizes.num_warps_bwd, sizes.num_stages_bwd) == (4, 2)
+            for length in (1, 2048, 8192, 8193, 131072):
+                sized = cca_common.default_block_sizes(d, dtype, interpret=False, length=length)
+                sized.check(False)
+                short = ("h100" in kind or "h200" in kind) and d == 128 and (
+                    dtype == jnp.bfloat16) and length <= cca_common.SHORT_FORWARD_LENGTH
+                # The H200 measurements (cca_kernels/NOTES.md): 64 x 64 forward tiles with 4
+                # warps up to 8K, the long-sequence row above it; backward tiles unchanged.
+                want = (64, 64, 4, 3) if short else (sizes.block_q, sizes.block_k,
+                                                     sizes.num_warps, sizes.num_stages)
+                assert (sized.block_q, sized.block_k, sized.num_warps, sized.num_stages) == want
+                assert (sized.block_q_dq, sized.block_k_dkv, sized.num_warps_bwd) == (
+                    sizes.block_q_dq, sizes.block_k_dkv, sizes.num_warps_bwd)
 
 
 def test_invalid_arguments():
