@@ -14,7 +14,7 @@ from flax import nnx
 
 from cca_jax import LlamaConfig, LlamaForCausalLM
 from cca_jax.generate import generate, greedy_generate_uncached
-from cca_jax.generate_cli import main
+from cca_jax.generate.cli import main
 from cca_kernels.visibility import visible_core_count
 
 TOLERANCE = 1e-4
@@ -293,7 +293,7 @@ def test_closing_report_wording(tiny_models):
     full one says `% more`, not `-x% less` (it happens just past w + g positions when
     H / Hkv > g / 2: core tokens are kept per query head; here the sizes are set by hand)."""
     from cca_jax.generate import CachedGeneration
-    from cca_jax.generate_cli import closing_report
+    from cca_jax.generate.cli import closing_report
     session = CachedGeneration(tiny_models["cca"], np.arange(1, 6, dtype=np.int32)[None], 1)
     stats = session.stats
     assert stats.cache_bytes == stats.full_cache_bytes      # 5 positions: all of them raw

@@ -258,5 +258,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":      # python -m cca_jax.generate.cli (same as cca_jax.generate)
     sys.exit(main())

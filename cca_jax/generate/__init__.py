@@ -15,8 +15,8 @@ with an `attention_mask` (left or right padding).
 one are padding that causal and CCA attention never look at), so it costs one full forward
 pass per new token. It is the exactness oracle for cached decoding.
 
-`python -m cca_jax.generate` runs the command line of `cca_jax/generate_cli.py` (the
-module is also callable: `cca_jax.generate(model, ids, n)` is `generate(model, ids, n)`).
+`python -m cca_jax.generate` runs the command line of `cca_jax/generate/cli.py` (the
+package is also callable: `cca_jax.generate(model, ids, n)` is `generate(model, ids, n)`).
 """
 from __future__ import annotations
 
@@ -508,10 +508,3 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
-
-
-if __name__ == "__main__":
-    # `python -m cca_jax.generate`: the command line lives in cca_jax/generate_cli.py.
-    from cca_jax.generate_cli import main as _main
-
-    sys.exit(_main())
