@@ -18,7 +18,7 @@ B, L, H, D = 1, 16384, 8, 64
 SCRIPT = textwrap.dedent(f"""
     import json, resource, jax, jax.numpy as jnp
     from cca_jax import cca_attention
-    from cca_kernels.bench import planned_bytes
+    from benchmarks.bench import planned_bytes
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     q, k, v = (jax.random.normal(key, ({B}, {L}, {H}, {D})) for key in keys)
     loss = lambda q, k, v: (cca_attention(q, k, v, group_size=16, window_size=1024,

@@ -1,6 +1,6 @@
 """Per-kernel timings of the CCA Pallas kernels for a list of block-size candidates (GPU).
 
-    python -m cca_kernels.tune [--lengths 32768 131072] [--kv-heads 32]
+    python -m benchmarks.tune [--lengths 32768 131072] [--kv-heads 32]
 
 Times, at B=1, H=32, d=128, g=16, w=1024, bf16: the forward kernel, the three backward
 kernels (dq, dk/dv, dcore) and the jnp pooling forward and VJP, each alone (median of
@@ -16,7 +16,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from cca_kernels.bench import median_ms
+from benchmarks.bench import median_ms
 from cca_kernels.cca_bwd import cca_backward_dcore, cca_backward_dkv, cca_backward_dq
 from cca_kernels.cca_common import Static, default_block_sizes
 from cca_kernels.cca_fwd import cca_forward
@@ -46,7 +46,7 @@ def candidates():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cca_kernels.tune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--kv-heads", type=int, default=32)

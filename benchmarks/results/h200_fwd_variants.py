@@ -1,5 +1,5 @@
 """RECORD of the three forward-kernel runs of 2026-12-04 (cca_kernels/NOTES.md); not part of
-the package. Run on a GPU from the repository root: PYTHONPATH=. PREFILL=0 python cca_kernels/results/h200_fwd_variants.py
+the package. Run on a GPU from the repository root: PYTHONPATH=. PREFILL=0 python benchmarks/results/h200_fwd_variants.py
 The kernel module no longer has the knobs these runs toggled (HEAVY_FIRST in runs 1-2, BRANCH
 in run 3: rejected variants were removed), so today its "_block" and "_kernel" variants run
 the same kept kernel.
@@ -144,8 +144,8 @@ if os.environ.get("PREFILL", "1") == "1":
     from flax import nnx
     from cca_jax import LlamaConfig, LlamaForCausalLM
     from cca_jax.generate import CachedGeneration
-    from train.bench_model import SHAPES
-    from cca_kernels.bench_decode import TINY_SHAPE
+    from benchmarks.shapes import SHAPES
+    from benchmarks.shapes import TINY_SHAPE
     shape = TINY_SHAPE if DRY else SHAPES["llama2-7b"]
     orig_default = cca_common.default_block_sizes
     plens = [int(x) for x in os.environ.get("PLENS", "200" if DRY else "2048 4096 8192").split()]

@@ -1,7 +1,7 @@
 """Benchmark decoding with the compressed CCA cache against a full KV cache (a benchmark, not a
 test; it needs a GPU for the real sizes).
 
-    python -m cca_kernels.bench_decode [--contexts 32768 65536 131072] [--e2e-prompt 65536]
+    python -m benchmarks.bench_decode [--contexts 32768 65536 131072] [--e2e-prompt 65536]
                                    [--json FILE] [--smoke]
 
 1. One decode-attention step (one layer, one new query per sequence) at each context length,
@@ -14,7 +14,7 @@ test; it needs a GPU for the real sizes).
    device time per step (the step chained `--repeats` times inside one jitted loop, median
    of 5 such runs after warm-up), the bytes each one must read and the speed-up of cca
    over each full-cache variant.
-2. End to end: a random-weight LLaMA of `train.bench_model.SHAPES[--e2e-shape]` (default
+2. End to end: a random-weight LLaMA of `benchmarks.shapes.SHAPES[--e2e-shape]` (default
    llama-1b) in bf16, one prompt of `--e2e-prompt` tokens, `--e2e-new-tokens` greedy tokens
    with `cca_jax.generate`'s cached decoding, attention="cca" and "full": prefill seconds
    (compile excluded) and decode tokens/s, and the cache bytes of each.
@@ -33,17 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.shapes import TINY_SHAPE
 from cca_kernels.decode import decode_attention_pallas, decode_attention_reference
 from cca_kernels.visibility import visible_core_count
 
 # Largest sizes a CPU may run (the Pallas kernel in interpret mode, jnp elsewhere).
 CPU_MAX_CONTEXT = 4096
 CPU_MAX_PROMPT = 1024
-TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  tie_word_embeddings=True, max_position_embeddings=8192)
-
-
 def per_step_ms(step, q, *rest, steps: int = 200, repeats: int = 5) -> float:
     """Device time of one `step(q, *rest) -> out` (out shaped like q), chained `steps` times."""
     @jax.jit
@@ -148,7 +144,7 @@ def bench_end_to_end(shape_name, prompt_len, new_tokens, g, w, dtype_name, full_
     if shape_name == "tiny":
         shape = TINY_SHAPE
     else:
-        from train.bench_model import SHAPES  # the one table of model shapes
+        from benchmarks.shapes import SHAPES
         shape = SHAPES[shape_name]
     results = {}
     for attention in ("cca", "full"):
@@ -208,7 +204,7 @@ def markdown(meta, rows, e2e) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cca_kernels.bench_decode", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072],
                         help="context lengths of the attention-step benchmark")
@@ -222,7 +218,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=200,
                         help="decode-attention steps chained in one timed loop")
     parser.add_argument("--e2e-shape", default="llama-1b",
-                        help="train.bench_model.SHAPES key, or 'tiny' (default: %(default)s)")
+                        help="benchmarks.shapes.SHAPES key, or 'tiny' (default: %(default)s)")
     parser.add_argument("--e2e-prompt", type=int, default=65536, help="prompt tokens")
     parser.add_argument("--e2e-new-tokens", type=int, default=128, help="tokens to generate")
     parser.add_argument("--e2e-full-decode", choices=["pallas", "jnp"], default="pallas",
@@ -233,8 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes for a CPU smoke run (kernel in interpret mode)")
     serve = parser.add_argument_group(
-        "serving benchmark (with --shape; see cca_kernels/bench_serve.py)")
-    serve.add_argument("--shape", help="train.bench_model.SHAPES key, e.g. llama2-7b: run the "
+        "serving benchmark (with --shape; see benchmarks/bench_serve.py)")
+    serve.add_argument("--shape", help="benchmarks.shapes.SHAPES key, e.g. llama2-7b: run the "
                                        "serving benchmark instead of the sections above")
     serve.add_argument("--attention", nargs="+", choices=("cca", "full"),
                        default=["cca", "full"])
@@ -257,7 +253,7 @@ def main(argv=None) -> int:
                             "of an H200, bytes read plus written)")
     args = parser.parse_args(argv)
     if args.shape:
-        from cca_kernels import bench_serve
+        from benchmarks import bench_serve
         return bench_serve.run(args)
 
     gpu = jax.default_backend() == "gpu"
@@ -273,7 +269,7 @@ def main(argv=None) -> int:
             if args.e2e_shape != "tiny":
                 too_big.append(f"--e2e-shape {args.e2e_shape}")
         if too_big:
-            print(f"cca_kernels.bench_decode times decoding on a GPU; this backend is "
+            print(f"benchmarks.bench_decode times decoding on a GPU; this backend is "
                   f"{jax.default_backend()!r}, and {', '.join(too_big)} would take far too long "
                   f"here. For a smoke run on the CPU pass --smoke (or contexts <= "
                   f"{CPU_MAX_CONTEXT}, --e2e-shape tiny and --e2e-prompt <= {CPU_MAX_PROMPT}).",
@@ -291,7 +287,7 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0].device_kind
     meta = {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "command": "python -m cca_kernels.bench_decode " + " ".join(
+            "command": "python -m benchmarks.bench_decode " + " ".join(
                 sys.argv[1:] if argv is None else argv),
             "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
             "head_dim": args.head_dim, "g": args.group_size, "w": args.window_size,

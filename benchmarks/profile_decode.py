@@ -1,9 +1,9 @@
 """Where a cached-generation token's time goes on a GPU (a profile, not a test).
 
-    python -m cca_kernels.profile_decode [--shape llama2-7b] [--prompt 8192]
+    python -m benchmarks.profile_decode [--shape llama2-7b] [--prompt 8192]
         [--attention cca full] [--steps 16] [--batch 1] [--out DIR]
 
-Random weights of `train.bench_model.SHAPES[--shape]` in bf16. For each attention kind, one
+Random weights of `benchmarks.shapes.SHAPES[--shape]` in bf16. For each attention kind, one
 `CachedGeneration` is compiled and run once to warm up; then a `jax.profiler` trace is taken
 of the prefill (until the first token is on the host) and, separately, of `--steps` decode
 tokens. Each trace's GPU kernels are summed by kind (matrix products, the Pallas attention
@@ -113,11 +113,11 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cca_kernels.profile_decode",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_decode",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama2-7b",
-                        help="train.bench_model.SHAPES key (default: %(default)s)")
+                        help="benchmarks.shapes.SHAPES key (default: %(default)s)")
     parser.add_argument("--prompt", type=int, default=8192, help="prompt tokens per sequence")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16, help="decode tokens traced")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="profile_decode", help="output folder")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
-        print("cca_kernels.profile_decode profiles GPU kernels; this backend is "
+        print("benchmarks.profile_decode profiles GPU kernels; this backend is "
               f"{jax.default_backend()!r}", file=sys.stderr)
         return 2
     for name in ("prompt", "batch", "steps"):
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
 
     from cca_jax import LlamaConfig, LlamaForCausalLM
     from cca_jax.generate import CachedGeneration
-    from train.bench_model import SHAPES
+    from benchmarks.shapes import SHAPES
 
     if args.shape not in SHAPES:
         parser.error(f"--shape must be one of {', '.join(SHAPES)}")

@@ -1,5 +1,5 @@
 """Sweep the split-K decode kernel's parameters and time one decode-attention step on the
-device (GPU): `python -m cca_kernels.tune_decode [--contexts 32768 131072]`.
+device (GPU): `python -m benchmarks.tune_decode [--contexts 32768 131072]`.
 
 Each variant runs `--steps` times inside one jitted `fori_loop` (the query of step i+1 depends
 on the output of step i), so the time per step is device time without per-call dispatch, as
@@ -15,12 +15,12 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from cca_kernels.bench_decode import decode_step_inputs, per_step_ms
+from benchmarks.bench_decode import decode_step_inputs, per_step_ms
 from cca_kernels.decode import decode_attention_pallas, decode_attention_reference
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cca_kernels.tune_decode", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     args = parser.parse_args(argv)

@@ -1,10 +1,10 @@
 """Serving benchmark of cached generation on a GPU (a benchmark, not a test):
 
-    python -m cca_kernels.bench_decode --shape llama2-7b [--lengths 8192 32768 131072]
+    python -m benchmarks.bench_decode --shape llama2-7b [--lengths 8192 32768 131072]
         [--batches 1 8 32 max] [--batch-lengths 32768 131072] [--new-tokens 64]
         [--prefill-repeats N] [--json F]
 
-Random weights of `train.bench_model.SHAPES[--shape]` in bf16, g = 16, w = 1024. For each
+Random weights of `benchmarks.shapes.SHAPES[--shape]` in bf16, g = 16, w = 1024. For each
 attention kind (one model each):
 
 1. exactness on the GPU: the cached logits of 8 greedy tokens after a 3,000-token prompt
@@ -233,8 +233,8 @@ def run(args) -> int:
 
     from cca_jax import LlamaConfig, LlamaForCausalLM
     from cca_jax.generate import largest_batch
-    from cca_kernels.bench_decode import TINY_SHAPE
-    from train.bench_model import SHAPES
+    from benchmarks.shapes import TINY_SHAPE
+    from benchmarks.shapes import SHAPES
 
     gpu = jax.default_backend() == "gpu"
     shapes = dict(SHAPES, tiny=TINY_SHAPE)

@@ -1,6 +1,6 @@
 """Benchmark: CCA attention (Pallas) against cuDNN causal attention, same inputs, same run.
 
-    python -m cca_kernels.bench [--lengths 4096 8192 ...] [--kv-heads 32 8] [--out DIR]
+    python -m benchmarks.bench [--lengths 4096 8192 ...] [--kv-heads 32 8] [--out DIR]
 
 For each length and KV-head count: B=1, H=32, d=128, g=16, w=1024, bf16. Times the CCA
 forward (pooling included) and forward+backward, and `jax.nn.dot_product_attention(
@@ -148,7 +148,7 @@ def plot(rows, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cca_kernels.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[4096, 8192, 16384, 32768, 65536, 131072])
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "command": "python -m cca_kernels.bench " + " ".join(argv or sys.argv[1:]),
+            "command": "python -m benchmarks.bench " + " ".join(argv or sys.argv[1:]),
             "implementation": args.implementation}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(rows, out / "bench.png")

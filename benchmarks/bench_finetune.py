@@ -1,6 +1,6 @@
 """Throughput of `python -m train.finetune`, attention="cca" against "full", same settings.
 
-    python -m train.bench_finetune --config CONFIG.json --tokenizer DIR [--seq-len 16384]
+    python -m benchmarks.bench_finetune --config CONFIG.json --tokenizer DIR [--seq-len 16384]
         [--steps 8] [--rope-theta 1e6] [--mesh 1x1] [--out DIR]
 
 Builds a Hugging Face LLaMA with the architecture of CONFIG.json and random weights (tokens/s
@@ -38,7 +38,7 @@ def random_hf_model(config_path: Path, tokenizer_dir: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench_finetune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config.json of the model shape")
     parser.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")

@@ -1,6 +1,6 @@
 """Benchmark a whole model step: forward+backward of a LLaMA-shaped model, CCA vs full.
 
-    python -m train.bench_model [--shape smollm2-135m] [--seq-len 32768] [--dtype bfloat16]
+    python -m benchmarks.bench_model [--shape smollm2-135m] [--seq-len 32768] [--dtype bfloat16]
 
 Random weights of the chosen shape, one sequence of `--seq-len` tokens, loss = mean token
 cross-entropy computed in float32 over sequence chunks of 4096 by fine-tuning's own loss
@@ -20,25 +20,9 @@ import jax
 from flax import nnx
 
 from cca_jax import LlamaConfig, LlamaForCausalLM
+from benchmarks.shapes import SHAPES
 from cca_jax.config import DEFAULT_CCA
 from train.loss import token_nll
-
-SHAPES = {
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         head_dim=64, tie_word_embeddings=True, rope_theta=100000.0,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=64, tie_word_embeddings=True, rope_theta=500000.0,
-                     max_position_embeddings=131072, rms_norm_eps=1e-5),
-    # LLaMA2-7B's layout (max_position_embeddings raised so that long prompts use plain RoPE).
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                      head_dim=128, tie_word_embeddings=False, rope_theta=10000.0,
-                      max_position_embeddings=262144, rms_norm_eps=1e-5),
-}
-
 
 def mean_token_loss(model, tokens, chunk: int = 4096):
     """Mean next-token cross-entropy: fine-tuning's loss (`train.loss.token_nll`)."""
@@ -70,7 +54,7 @@ def time_step(config: LlamaConfig, seq_len: int, repeats: int):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench_model", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=32768)
