@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.shapes import TINY_SHAPE
+from cca_jax.config import DEFAULT_CCA
 from cca_kernels.decode import decode_attention_pallas, decode_attention_reference
 from cca_kernels.visibility import visible_core_count
 
@@ -212,8 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--window-size", type=int, default=1024)
+    parser.add_argument("--group-size", type=int, default=DEFAULT_CCA.group_size)
+    parser.add_argument("--window-size", type=int, default=DEFAULT_CCA.window_size)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--repeats", type=int, default=200,
                         help="decode-attention steps chained in one timed loop")

@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-G, W = 16, 1024   # the defaults; run() takes --group-size / --window-size
+from cca_jax.config import DEFAULT_CCA
+
+G, W = DEFAULT_CCA.group_size, DEFAULT_CCA.window_size   # run() takes --group-size / --window-size
 SMOKE_MEMORY = (4 * 2 ** 30, 0)   # a pretend device for the CPU smoke run
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cca_jax.config import DEFAULT_CCA
+
 CATEGORIES = (
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "matmul", "dot")),
     ("attention kernel", ("cca_", "decode_split", "flash", "fmha", "cudnn", "attention")),
@@ -123,8 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="decode tokens traced")
     parser.add_argument("--attention", nargs="+", choices=("cca", "full"),
                         default=["cca", "full"])
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--window-size", type=int, default=1024)
+    parser.add_argument("--group-size", type=int, default=DEFAULT_CCA.group_size)
+    parser.add_argument("--window-size", type=int, default=DEFAULT_CCA.window_size)
     parser.add_argument("--prefill-chunk", type=int, default=4096,
                         help="prompt columns per prefill chunk (default: %(default)s)")
     parser.add_argument("--decode-chunk", type=int, default=32,
