@@ -31,7 +31,8 @@ import numpy as np
 
 from cca_jax.llama import DTYPES, SUPPORTED_MODEL_TYPES, LlamaConfig
 from cca_jax.io import atomic_directory, normalize_file_modes
-from cca_jax.params import flatten_params, param_path_name, unflatten_params
+from cca_jax.params import (flatten_params, list_names, name_mismatch, param_path_name,
+                            unflatten_params)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -325,11 +326,6 @@ def _is_ignorable(name: str, config: LlamaConfig) -> bool:
         config.tie_word_embeddings and name == "lm_head.weight")
 
 
-def _list_names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
-
-
 def stored_dtype(arrays: Iterable[np.ndarray]) -> str:
     """The floating dtype holding most parameters, as a `LlamaConfig` dtype name."""
     counts: Counter = Counter()
@@ -356,12 +352,12 @@ def hf_to_params(state_dict: Mapping[str, np.ndarray], config: LlamaConfig, *,
     wanted = {name for name, _ in names.values()}
     missing = sorted(name for name in wanted if name not in state_dict)
     if missing:
-        raise ValueError(f"checkpoint is missing tensor(s): {_list_names(missing)}")
+        raise ValueError(f"checkpoint is missing tensor(s): {list_names(missing, 8)}")
     extra = sorted(name for name in state_dict if name not in wanted
                    and not _is_ignorable(name, config))
     if extra:
         raise ValueError(f"checkpoint has unexpected tensor(s) for this {config.model_type} "
-                         f"config: {_list_names(extra)}")
+                         f"config: {list_names(extra, 8)}")
     target = NUMPY_DTYPES[config.param_dtype]
     flat = {}
     for path, abstract in expected.items():
@@ -388,12 +384,9 @@ def params_to_hf(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
     expected = flatten_params(_abstract_params(config))
     by_name = {param_path_name(path): path for path in expected}
     given = {param_path_name(path): value for path, value in flatten_params(params).items()}
-    missing = sorted(set(by_name) - set(given))
-    extra = sorted(set(given) - set(by_name))
-    if missing or extra:
-        problems = ([f"missing {_list_names(missing)}"] if missing else []) + (
-            [f"unexpected {_list_names(extra)}"] if extra else [])
-        raise ValueError(f"parameters do not match the config: {'; '.join(problems)}")
+    problems = name_mismatch(given, by_name, limit=8)
+    if problems:
+        raise ValueError(f"parameters do not match the config: {problems}")
     out = {}
     for name, path in by_name.items():
         array = np.asarray(given[name])

@@ -28,7 +28,7 @@ from cca_jax.hf import (TOKENIZER_FILES, hf_to_params, llama_config_from_hf, loa
 from cca_jax.config import DEFAULT_CCA, CCAConfig, check_attention_kind
 from cca_jax.converted import is_converted_dir, load_converted, read_converted_config
 from cca_jax.llama import DTYPES, LlamaConfig, LlamaForCausalLM
-from cca_jax.params import flat_by_name, key_path_name
+from cca_jax.params import flat_by_name, key_path_name, name_mismatch
 
 
 def _dtype_name(value, argument: str) -> str | None:
@@ -58,12 +58,9 @@ def load_params_into(model: LlamaForCausalLM, params: Mapping) -> LlamaForCausal
 
     given = flat_by_name(params)
     wanted = flat_by_name(abstract)
-    missing = sorted(set(wanted) - set(given))
-    extra = sorted(set(given) - set(wanted))
-    if missing or extra:
-        problems = ([f"missing: {', '.join(missing)}"] if missing else []) + (
-            [f"unexpected: {', '.join(extra)}"] if extra else [])
-        raise ValueError(f"stored parameters do not match the model config ({'; '.join(problems)})")
+    problems = name_mismatch(given, wanted)
+    if problems:
+        raise ValueError(f"stored parameters do not match the model config ({problems})")
     for name, leaf in wanted.items():
         shape = tuple(np.shape(given[name]))
         if shape != tuple(leaf.shape):

@@ -49,6 +49,24 @@ def flat_by_name(tree: Mapping) -> dict[str, Any]:
     return {param_path_name(path): leaf for path, leaf in flatten_params(tree).items()}
 
 
+def list_names(names: list[str], limit: int | None = None) -> str:
+    """'a, b, c', or the first `limit` names and '(and N more)'."""
+    if limit is None or len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f" (and {len(names) - limit} more)"
+
+
+def name_mismatch(given: Iterable[str], wanted: Iterable[str],
+                  limit: int | None = None) -> str | None:
+    """'missing: a, b; unexpected: c' for the parameter names that are wanted but not given,
+    and given but not wanted (each list cut at `limit`), or None when they agree."""
+    given, wanted = set(given), set(wanted)
+    missing, extra = sorted(wanted - given), sorted(given - wanted)
+    problems = ([f"missing: {list_names(missing, limit)}"] if missing else []) + (
+        [f"unexpected: {list_names(extra, limit)}"] if extra else [])
+    return "; ".join(problems) or None
+
+
 def int_keys(tree):
     """The tree with layer indices as ints (orbax stores dict keys as strings)."""
     if not isinstance(tree, Mapping):

@@ -126,16 +126,22 @@ def test_export_is_the_trained_model_and_converts_to_hugging_face(tiny, run_8x1,
     assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
 
 
-def test_4x2_gives_the_step_1_loss_of_8x1(runs, run_8x1):
-    out, result = runs["4x2"]
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "fsdp=4 x tensor=2" in result.stdout
+def _step_1_loss_matches_8x1_and_sharding_of(out, run_8x1, projection: str):
+    """Assert the run in `out` has the 8x1 run's step-1 loss; return (the shardings.json
+    record of layer 0's `projection` kernel, the whole report)."""
     step1 = read_jsonl(out / "metrics.jsonl")[0]["loss"]
     reference = read_jsonl(run_8x1[0] / "metrics.jsonl")[0]["loss"]
     assert abs(step1 - reference) < 1e-4, (step1, reference)
     report = json.loads((out / "shardings.json").read_text())
-    q_path = "['params']['layers']['0']['self_attn']['q_proj']['kernel']"
-    q = next(r for r in report if r["path"] == q_path)
+    path = f"['params']['layers']['0']['self_attn']['{projection}']['kernel']"
+    return next(r for r in report if r["path"] == path), report
+
+
+def test_4x2_gives_the_step_1_loss_of_8x1(runs, run_8x1):
+    out, result = runs["4x2"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fsdp=4 x tensor=2" in result.stdout
+    q, report = _step_1_loss_matches_8x1_and_sharding_of(out, run_8x1, "q_proj")
     assert q["spec"] == "P('fsdp', 'tensor')" and q["shard_shape"] == [16, 32]
     assert all(r["devices"] == 8 for r in report)
 
@@ -150,12 +156,7 @@ def test_1x3_mesh_with_heads_that_do_not_split_3_ways_trains_with_replicated_hea
     assert result.returncode == 0, result.stdout + result.stderr
     assert "note: heads are not split: 4 query / 2 key-value heads" in result.stdout
     assert "tensor=3" in result.stdout
-    step1 = read_jsonl(out / "metrics.jsonl")[0]["loss"]
-    reference = read_jsonl(run_8x1[0] / "metrics.jsonl")[0]["loss"]
-    assert abs(step1 - reference) < 1e-4, (step1, reference)
-    report = json.loads((out / "shardings.json").read_text())
-    k_path = "['params']['layers']['0']['self_attn']['k_proj']['kernel']"
-    k = next(r for r in report if r["path"] == k_path)
+    k, _ = _step_1_loss_matches_8x1_and_sharding_of(out, run_8x1, "k_proj")
     assert k["spec"] == "P(None, None)" and k["devices"] == 3 and k["fully_replicated"]
 
 
