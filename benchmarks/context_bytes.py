@@ -2,7 +2,7 @@
 against an all-gather of the keys and values built the same way (a benchmark, not a test).
 
     python -m benchmarks.context_bytes [--devices 8] [--lengths 131072 524288 1048576]
-        [--heads 32:32 32:8] [--json FILE]
+        [--heads 32:32 32:8] [--layout contiguous|zigzag] [--json FILE]
 
 For each length and (H:Hkv) it compiles, for `--devices` CPU devices on one "context" axis
 (d = 128, bf16, g = 16, w = 1024, B = 1), the forward and the forward+backward of
@@ -13,12 +13,16 @@ read. Every collective's result shape gives its bytes; per device, an all-gather
 (n - 1) / n of its result, a collective-permute its whole result, a reduce-scatter (the
 all-gather's transpose) sends (n - 1) / n of its operand.
 
+Then the work per shard (visible query-key pairs) of contiguous shards and of the zigzag
+layout (shard i holds pieces i and 2n - 1 - i of 2n).
+
 The prediction: CCA moves 2 * (L / g) * H * d values (core keys and values) plus a halo of
 2 * 1040 * Hkv * d; the baseline 2 * L * Hkv * d; their ratio g * Hkv / H apart from the halo.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -55,6 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--window-size", type=int, default=1024)
+    parser.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous",
+                        help="the CCA side's layout (default %(default)s)")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.devices < 2:
@@ -75,7 +81,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from cca_jax.context import cca_attention_context_parallel, halo_length
+    from cca_jax.context import (cca_attention_context_parallel, cca_attention_shard,
+                                 halo_length, shard_work)
 
     n, d, g, w = args.devices, args.head_dim, args.group_size, args.window_size
     mesh = jax.make_mesh((n,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -93,14 +100,22 @@ def main(argv=None) -> int:
         return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
 
     def cca(q, k, v):
-        return cca_attention_context_parallel(q, k, v, mesh=mesh, group_size=g, window_size=w)
+        if args.layout == "contiguous":
+            return cca_attention_context_parallel(q, k, v, mesh=mesh, group_size=g,
+                                                  window_size=w)
+        # The inputs stand for rows already in zigzag order (a trainer keeps its tokens in
+        # that order): the per-layer traffic is the shard body's, not a reordering's.
+        body = functools.partial(cca_attention_shard, axis_name="context", group_size=g,
+                                 window_size=w, layout="zigzag")
+        return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
 
     def grad_of(f):
         return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)),
                         argnums=(0, 1, 2))
 
     rows = []
-    print(f"{n} devices, d={d}, g={g}, w={w}, bf16, B=1; MB received per device per layer")
+    print(f"{n} devices, d={d}, g={g}, w={w}, bf16, B=1, CCA layout {args.layout}; MB received "
+          "per device per layer")
     print("| L | H:Hkv | pass | CCA all-gather | CCA permute | CCA other | CCA total | "
           "K/V all-gather | ratio | predicted ratio |")
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -133,6 +148,23 @@ def main(argv=None) -> int:
                         json.dump({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
                                    "rows": rows}, f, indent=2)
                     os.replace(tmp, args.json)
+    print("\nWork per shard (visible query-key pairs, cca_jax.context.shard_work): the most "
+          "loaded shard over the mean")
+    print("| L | contiguous | zigzag |")
+    print("|---:|---:|---:|")
+    balance = []
+    for L in args.lengths:
+        shares = {layout: float(shard_work(L, n, g, w, layout).max()
+                                / shard_work(L, n, g, w, layout).mean() - 1)
+                  for layout in ("contiguous", "zigzag")}
+        balance.append({"L": L, **shares})
+        print(f"| {L:,} | +{100 * shares['contiguous']:.1f}% | +{100 * shares['zigzag']:.2f}% |")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "rows": rows,
+                       "balance": balance}, f, indent=2)
+        os.replace(tmp, args.json)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Context parallelism (cca_jax.context): CCA over a sequence split on a mesh axis equals the
 unsharded op, forward (float32, 1e-5 relative) and q/k/v gradients (1e-4), for GQA, ragged
 lengths (padded to whole groups per shard), w % g != 0, a halo longer than a shard (several
-hops), g = w = 1, and the sequence axis composed with a batch axis. The sharded runs need 8
+hops), g = w = 1, the sequence axis composed with a batch axis, in the contiguous and the
+balanced (zigzag) layouts. The sharded runs need 8
 CPU devices, which must be set before jax starts: they run in one child process."""
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ SCRIPT = textwrap.dedent('''
                                               implementation="xla")
         sharded = lambda q, k, v: cca_attention_context_parallel(
             q, k, v, mesh=mesh, group_size=g, window_size=w, batch_axes=batch,
-            chunk_size=case["chunk"])
+            chunk_size=case["chunk"], layout=case.get("layout", "contiguous"))
         loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * dout))
         want, got = plain(q, k, v), jax.jit(sharded)(q, k, v)
         want_g = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
@@ -69,6 +70,15 @@ CASES = [
      "seed": 3},                                                # g = w = 1: no halo
     {"shape": [4, 200, 4, 2, 8, 8, 24], "mesh": [[2, 4], ["data", "context"]], "chunk": 16,
      "seed": 4},                                                # batch x context axes
+    # The balanced layout: shard i holds pieces i and 15 - i (halos from either side).
+    {"shape": [2, 256, 4, 2, 16, 4, 8], "mesh": [[8], ["context"]], "chunk": 8,
+     "seed": 5, "layout": "zigzag"},                            # halo 12 < piece 16
+    {"shape": [1, 123, 4, 4, 8, 4, 10], "mesh": [[8], ["context"]], "chunk": 8,
+     "seed": 6, "layout": "zigzag"},                            # ragged, w % g != 0
+    {"shape": [1, 128, 2, 1, 8, 4, 40], "mesh": [[8], ["context"]], "chunk": 8,
+     "seed": 7, "layout": "zigzag"},                            # halo 44 > piece 8: 6 hops
+    {"shape": [4, 200, 4, 2, 8, 8, 24], "mesh": [[2, 4], ["data", "context"]], "chunk": 16,
+     "seed": 8, "layout": "zigzag"},
 ]
 
 
@@ -104,6 +114,30 @@ def test_sharded_equals_unsharded_forward_and_gradients():
         assert (got["permutes"] > 0) == (halo_length(g, w) > 0), (case, got)
 
 
+def test_zigzag_order_and_the_balance_it_buys():
+    import numpy as np
+
+    from cca_jax.context import shard_work, zigzag_order
+
+    order = zigzag_order(16, 2)   # pieces of 4: shard 0 holds pieces 0 and 3, shard 1 1 and 2
+    assert order.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert sorted(order.tolist()) == list(range(16))
+    # Work per shard at 128K over 8 shards (g=16, w=1024): contiguous shards are 71% above
+    # the mean at the last one; the zigzag layout is within 0.1%.
+    for layout, low, high in (("contiguous", 0.5, 1.0), ("zigzag", 0.0, 0.001)):
+        work = shard_work(131072, 8, 16, 1024, layout)
+        assert work.sum() == shard_work(131072, 1, 16, 1024).sum()
+        assert low <= work.max() / work.mean() - 1 <= high, (layout, work)
+    m = np.arange(40)
+    c = np.maximum(0, (m + 1 - 8) // 4)
+    assert shard_work(40, 2, 4, 8).tolist() == [int((c + m + 1 - 4 * c)[:20].sum()),
+                                                int((c + m + 1 - 4 * c)[20:].sum())]
+    with pytest.raises(ValueError, match="2 \\* n_shards"):
+        zigzag_order(20, 3)
+    with pytest.raises(ValueError, match="layout"):
+        shard_work(16, 2, 4, 8, "striped")
+
+
 def test_bad_arguments_are_named_before_any_compute():
     import jax
     import jax.numpy as jnp
@@ -120,3 +154,6 @@ def test_bad_arguments_are_named_before_any_compute():
                                        window_size=8)
     with pytest.raises(ValueError, match="group_size"):
         cca_attention_context_parallel(q, q, q, mesh=mesh, group_size=0, window_size=8)
+    with pytest.raises(ValueError, match="layout"):
+        cca_attention_context_parallel(q, q, q, mesh=mesh, group_size=4, window_size=8,
+                                       layout="striped")
