@@ -72,56 +72,78 @@ def _value_product(equation, probs, values):
     return _weighted_values(equation, probs, values)
 
 
-def _rows_seeing_nonfinite(core_v, v, *, group_size, window_size):
-    """[B, L, H] True where query m sees a non-finite core token (j < c(m)) or raw value
+def _rows_seeing_nonfinite(core_v, v, *, group_size, window_size, q_start=0, position0=0,
+                           num_queries=None):
+    """[B, Lq, H] True where query m sees a non-finite core token (j < c(m)) or raw value
     (c(m) * g <= n <= m). O(L): the first non-finite core token, the last non-finite raw
-    position at or before each m."""
+    position at or before each m. Key row i of v is position `position0 + i` (core token j is
+    group j); query row t is key row `q_start + t` (Lq = num_queries, default the rest)."""
     B, C, H, _ = core_v.shape
-    L, Hkv = v.shape[1], v.shape[2]
-    m = jnp.arange(L)
-    visible = visible_core_count(m, group_size, window_size)                    # c(m), [L]
+    Lk, Hkv = v.shape[1], v.shape[2]
+    Lq = Lk - q_start if num_queries is None else num_queries
+    rows = q_start + jnp.arange(Lq)                                               # key rows
+    visible = visible_core_count(position0 + rows, group_size, window_size)       # c(m), [Lq]
     first_bad_core = jnp.min(jnp.where(nonfinite_rows(core_v), jnp.arange(C)[:, None], C),
                              axis=1, initial=C)                                   # [B, H]
-    last_bad_raw = jax.lax.cummax(jnp.where(nonfinite_rows(v), m[:, None], -1), axis=1)
-    seen_core = first_bad_core[:, None, :] < visible[None, :, None]               # [B, L, H]
-    seen_raw = last_bad_raw >= (visible * group_size)[None, :, None]            # [B, L, Hkv]
+    n = position0 + jnp.arange(Lk)
+    last_bad_raw = jax.lax.cummax(jnp.where(nonfinite_rows(v), n[:, None], -1), axis=1)
+    last_bad_raw = last_bad_raw[:, q_start:q_start + Lq]                          # at n = m
+    seen_core = first_bad_core[:, None, :] < visible[None, :, None]               # [B, Lq, H]
+    seen_raw = last_bad_raw >= (visible * group_size)[None, :, None]            # [B, Lq, Hkv]
     return seen_core | jnp.repeat(seen_raw, H // Hkv, axis=2)
 
 
-def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scale, chunk_size):
+def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scale, chunk_size,
+                       q_start: int = 0, position0=0):
     """Shared engine: softmax over [visible core ; raw window] for each query chunk.
 
-    core_k/core_v: [B, C, H, d] (C may be 0). Returns [B, L, H, d] in q.dtype.
+    core_k/core_v: [B, C, H, d] (C may be 0; core token j is group j). Returns
+    [B, Lq, H, d] in q.dtype.
+
+    Positions: key row i of k / v is position `position0 + i` (an int or a traced scalar, a
+    multiple of nothing in particular); query row t is key row `q_start + t` (a Python int:
+    the queries are the last Lq rows of the keys or a block inside them). The whole sequence
+    is `position0 = q_start = 0` with k, v as long as q; a context-parallel shard passes
+    its halo of earlier keys in front of its own (cca_jax.context).
     """
-    B, L, H, d = q.shape
-    Hkv = k.shape[2]
+    B, Lq, H, d = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
     r = H // Hkv
     C = core_k.shape[1]
     g, w = group_size, window_size
-    seen_nonfinite = _rows_seeing_nonfinite(core_v, v, group_size=g, window_size=w)
+    if q_start < 0 or q_start + Lq > Lk:
+        raise ValueError(f"the queries (rows {q_start}..{q_start + Lq - 1} of the keys) must "
+                         f"lie inside the {Lk} key rows")
+    seen_nonfinite = _rows_seeing_nonfinite(core_v, v, group_size=g, window_size=w,
+                                            q_start=q_start, position0=position0,
+                                            num_queries=Lq)
     core_v, v = finite_or_zero(core_v), finite_or_zero(v)
-    Q = max(1, min(chunk_size, L))
-    n_chunks = math.ceil(L / Q)
-    Lp = n_chunks * Q
-    pad = [(0, 0), (0, Lp - L), (0, 0), (0, 0)]
-    q_chunks = jnp.pad(q, pad).reshape(B, n_chunks, Q, Hkv, r, d).swapaxes(0, 1)
-    k_pad, v_pad = jnp.pad(k, pad), jnp.pad(v, pad)
+    Q = max(1, min(chunk_size, Lq))
+    n_chunks = math.ceil(Lq / Q)
+    Lqp = n_chunks * Q
+    # Keys padded past the last padded query: every padded query row sees its own (zero)
+    # key, so no row of the softmax is empty.
+    Lkp = max(Lk, q_start + Lqp)
+    q_chunks = jnp.pad(q, [(0, 0), (0, Lqp - Lq), (0, 0), (0, 0)])
+    q_chunks = q_chunks.reshape(B, n_chunks, Q, Hkv, r, d).swapaxes(0, 1)
+    k_pad = jnp.pad(k, [(0, 0), (0, Lkp - Lk), (0, 0), (0, 0)])
+    v_pad = jnp.pad(v, [(0, 0), (0, Lkp - Lk), (0, 0), (0, 0)])
     # Widest raw span a chunk can need (docs/cca.md §2: the window holds < w + g keys per query).
-    R = min(Q + w + g - 1, Lp)
+    R = min(Q + w + g - 1, Lkp)
     core_k5 = core_k.reshape(B, C, Hkv, r, d)
     core_v5 = core_v.reshape(B, C, Hkv, r, d)
     ct = compute_dtype(q.dtype)
 
     def one_chunk(args):
         index, q_chunk = args
-        first = index * Q
+        first = q_start + index * Q            # key row of the chunk's first query
+        m = position0 + first + jnp.arange(Q)  # positions of the chunk's queries
         # Clamping keeps the slice in bounds; positions below are taken from the clamped
         # start, so the masks stay exact whatever the clamp did.
-        start = jnp.clip(visible_core_count(first, g, w) * g, 0, Lp - R)
+        start = jnp.clip(visible_core_count(m[0], g, w) * g - position0, 0, Lkp - R)
         k_raw = jax.lax.dynamic_slice_in_dim(k_pad, start, R, axis=1)
         v_raw = jax.lax.dynamic_slice_in_dim(v_pad, start, R, axis=1)
-        m = first + jnp.arange(Q)
-        n = start + jnp.arange(R)
+        n = position0 + start + jnp.arange(R)
         visible = visible_core_count(m, g, w)
         raw_mask = (n[None, :] >= visible[:, None] * g) & (n[None, :] <= m[:, None])
         core_mask = jnp.arange(C)[None, :] < visible[:, None]
@@ -138,7 +160,7 @@ def _chunked_attention(q, k, v, core_k, core_v, *, group_size, window_size, scal
         return out.astype(q.dtype)
 
     out = jax.lax.map(jax.checkpoint(one_chunk), (jnp.arange(n_chunks), q_chunks))
-    out = out.swapaxes(0, 1).reshape(B, Lp, H, d)[:, :L]
+    out = out.swapaxes(0, 1).reshape(B, Lqp, H, d)[:, :Lq]
     return mask_nonfinite_values(out, seen_nonfinite)
 
 

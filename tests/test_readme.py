@@ -24,7 +24,7 @@ def python_blocks() -> list[str]:
 
 def test_readme_has_its_python_examples():
     blocks = python_blocks()
-    assert len(blocks) == 4, [b.splitlines()[0] for b in blocks]
+    assert len(blocks) == 5, [b.splitlines()[0] for b in blocks]
     assert sum(SHARED_MODEL in block for block in blocks) == 2
 
 
