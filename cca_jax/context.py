@@ -112,12 +112,12 @@ def _zigzag_halo(x, halo: int, axis_name: str, n: int):
     B, two_p = x.shape[:2]
     P = two_p // 2
     first, second = x[:, :P], x[:, P:]
-    halo_a, halo_b = [], []
+    # Piece a = i needs pieces i - 1, i - 2, ...: the first halves of the shards before it,
+    # exactly the contiguous layout's halo of the first halves.
+    halo_a = _halo(first, halo, axis_name, n)
+    halo_b = []
     for s in range(-(-halo // P), 0, -1):            # the farthest piece first
         rows = min(P, halo - (s - 1) * P)
-        # Piece a = i needs piece i - s: the first half of shard i - s.
-        halo_a.append(lax.ppermute(first[:, P - rows:], axis_name,
-                                   [(j, j + s) for j in range(n - s)]))
         # Piece b = 2n-1-i needs piece q = 2n-1-i-s: the second half of shard i + s when
         # q >= n, else the first half of shard q. One ppermute each (a shard may be the
         # source of both kinds for different destinations).
@@ -127,8 +127,7 @@ def _zigzag_halo(x, halo: int, axis_name: str, n: int):
                                   [(2 * n - 1 - i - s, i) for i in range(n)
                                    if 0 <= 2 * n - 1 - i - s <= n - 1])
         halo_b.append(from_second + from_first)       # at most one of them is not zeros
-    cat = lambda parts: jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    return cat(halo_a), cat(halo_b)
+    return halo_a, jnp.concatenate(halo_b, axis=1) if len(halo_b) > 1 else halo_b[0]
 
 
 def cca_attention_shard(q, k, v, *, axis_name: str, group_size: int, window_size: int,
