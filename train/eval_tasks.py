@@ -618,27 +618,70 @@ def copy_document(tokenizer, name: str, source: str, rng: np.random.Generator) -
                         identifiers=len(set(n for _, _, n in spans)))
 
 
+def _renamed(tokenizer, name: str, source: str, seed: int) -> CopyDocument | None:
+    """`copy_document` with the document's own random renaming (seeded by its name), or None
+    for a source Python's tokenizer rejects."""
+    rng = np.random.default_rng([int(seed), TASKS.index("copy"),
+                                 int.from_bytes(name.encode()[:8], "little")])
+    try:
+        return copy_document(tokenizer, name, source, rng)
+    except (SyntaxError, ValueError):   # tokenize fails on a file Python would reject
+        return None
+
+
 def copy_documents(tokenizer, min_tokens: int, count: int, seed: int,
                    files: Sequence[str | Path] | None = None) -> list[CopyDocument]:
-    """Up to `count` renamed held-out files of at least `min_tokens` tokens (default: the
-    largest files of the held-out standard-library packages, in path order)."""
-    if files is None:
-        files = [f.path for f in code_files() if f.split == "heldout"]
-    documents = []
+    """Up to `count` renamed held-out documents of at least `min_tokens` tokens.
+
+    Single files first (default: the files of the held-out standard-library packages, largest
+    first, ties in path order). Where fewer than `count` single files are long enough (no
+    standard-library file reaches 32K tokens), the default set adds runs of consecutive files
+    of one held-out package (in path order, each file in at most one run, each run as short
+    as reaches `min_tokens`), renamed as one document: an identifier keeps its made-up name
+    across the run's files, as a package's names recur across its modules."""
+    default = files is None
+    if default:
+        heldout = [f for f in code_files() if f.split == "heldout"]
+        files = [f.path for f in heldout]
+    documents, used = [], set()
     # Largest first (most likely long enough); ties by path, so the choice is deterministic.
     for path in sorted(files, key=lambda p: (-Path(p).stat().st_size, str(p))):
         if len(documents) == count:
-            break
+            return documents
         try:
             source = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        rng = np.random.default_rng([int(seed), TASKS.index("copy"),
-                                     int.from_bytes(Path(path).name.encode()[:8], "little")])
-        try:
-            doc = copy_document(tokenizer, Path(path).name, source, rng)
-        except (SyntaxError, ValueError):   # tokenize fails on a file Python would reject
-            continue
-        if len(doc.ids) >= min_tokens:
+        doc = _renamed(tokenizer, Path(path).name, source, seed)
+        if doc is not None and len(doc.ids) >= min_tokens:
             documents.append(doc)
+            used.add(Path(path))
+    if not default:
+        return documents
+    packages: dict[str, list[Path]] = {}
+    for f in heldout:
+        packages.setdefault(f.group, []).append(Path(f.path))
+    for package in sorted(packages):
+        run: list[tuple[Path, str]] = []
+        runs = 0
+        for path in sorted(packages[package]):
+            if len(documents) == count:
+                return documents
+            if path in used:
+                continue
+            try:
+                run.append((path, path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError):
+                continue
+            # Code runs 2.5-4 characters a token: tokenise only once the run may be long enough.
+            if sum(len(text) for _, text in run) < 2 * min_tokens:
+                continue
+            name = (f"{package} run {runs + 1}: {run[0][0].name} .. {run[-1][0].name} "
+                    f"({len(run)} files)")
+            doc = _renamed(tokenizer, name, "\n".join(text for _, text in run), seed)
+            if doc is None:
+                run = []          # a file Python rejects: start the next run after it
+            elif len(doc.ids) >= min_tokens:
+                documents.append(doc)
+                run, runs = [], runs + 1
     return documents
