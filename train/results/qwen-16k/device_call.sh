@@ -30,7 +30,7 @@ case $mode in
         done ;;
 esac
 echo "--- progress"; cat "$WORK/progress.log" 2>/dev/null
-for f in "$WORK"/logs/finetune-*.log; do [ -f "$f" ] && { echo "--- $f"; grep -v '^\s*$' "$f" | tail -n 4; }; done
+for f in "$WORK"/logs/finetune-*.log; do [ -f "$f" ] && { echo "--- $f"; tr "\r" "\n" < "$f" | grep -v "^\s*$" | tail -n 2 | cut -c1-200; }; done
 tail -n 3 "$WORK/logs/pipeline.log" 2>/dev/null
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 # What comes back: the results so far (evaluations, fine-tune metrics, commands, logs).
