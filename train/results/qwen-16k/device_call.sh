@@ -4,6 +4,12 @@
 #   part         move the carried GGUF part(s) into $WORK/parts
 #   wait SECONDS wait until the pipeline is done or failed, or SECONDS have passed
 # Every call ends by printing the progress log and packing what is worth keeping into $OUT.
+# RUN_ENV (start only) passes settings to run_h200.sh, e.g. RUN_ENV=RUNS=full-ft for the
+# control's session (values without spaces; RUNS takes commas).
+# The tree and the carried part must fit in one call's 64 MiB: here, before a session,
+#   python -m convert.parts split QWEN.gguf .xfer/parts --part-size SIZE
+# with SIZE = 64 MiB minus the tracked files (`git ls-files -z | xargs -0 du -cb | tail -1`),
+# less a margin (49200000 when the tree held 16.6 MB; 44M from 18 MB on).
 set -uo pipefail
 WORK=${WORK:-/root/q}
 mode=${1:?mode}

@@ -20,7 +20,8 @@ WINDOW=${WINDOW:-1024}
 LENGTHS=${LENGTHS:-"4096 8192 16384 32768"}
 EXAMPLES=${EXAMPLES:-20}       # x 5 depths = 100 per (task, length)
 WORKERS=${WORKERS:-15}
-RUNS=${RUNS:-"cca-w$WINDOW-ft full cca-w$WINDOW"}
+RUNS=${RUNS:-"cca-w$WINDOW-ft full cca-w$WINDOW"}   # spaces or commas
+RUNS=${RUNS//,/ }
 EVAL_ARGS=${EVAL_ARGS:-"--batch-size 8 --decode-implementation jnp"}
 FT_ARGS=${FT_ARGS:-"--data $WORK/data --eval-sequences 8 --remat full"}
 Q=$WORK/quality
