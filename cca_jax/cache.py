@@ -14,7 +14,8 @@ heads, d = head dim, g / w = group size / window):
 `FullLayerCache` (per layer)
     k, v             [B, max_length, Hkv, d]; position n in slot n.
 `DecodeCache`
-    layers           tuple of the above, one per decoder layer
+    layers           tuple of the above, one per decoder layer: layer i's kind is
+                     `spec.layer_attention(i)` (hybrid models mix both, each sized for its kind)
     lengths          [B] int32: tokens cached per sequence (= position of the next token)
     spec             `CacheSpec` (static, not a leaf)
 
@@ -52,7 +53,8 @@ import numpy as np
 from flax import struct
 
 from cca_jax.attention import causal_attention, cca_attention, cudnn_supported
-from cca_jax.config import ATTENTION_KINDS, DEFAULT_CCA, CCAConfig, accepts_cca_keywords
+from cca_jax.config import (ATTENTION_KINDS, DEFAULT_CCA, CCAConfig, accepts_cca_keywords,
+                            check_layer_indices, layer_attention)
 from cca_jax.reference import compute_dtype
 from cca_kernels.cca_attention import cca_attention_pallas
 from cca_kernels.decode import MASK_VALUE, decode_attention_pallas, decode_attention_reference
@@ -73,7 +75,12 @@ class CacheSpec:
     """Everything static about a cache (hashable; part of the jitted functions' signature).
 
     `cca` holds g and w (the model's `LlamaConfig.cca`); `group_size=` / `window_size=` are
-    accepted as keywords and read back as properties."""
+    accepted as keywords and read back as properties. `full_attention_layers`: the layers
+    that hold a full cache while the others hold `attention`'s (a hybrid model's
+    `LlamaConfig.full_attention_layers`); stored sorted, and emptied when attention="full"
+    (every layer is full then), so that equal caches have equal specs. The layer functions
+    below (`prefill_layer`, `decode_layer`, `append_layer`) take the spec of one layer,
+    `layer_spec(i)`, whose `attention` is that layer's kind."""
 
     attention: str       # "cca" or "full"
     batch_size: int
@@ -84,6 +91,7 @@ class CacheSpec:
     head_dim: int
     cca: CCAConfig = DEFAULT_CCA
     dtype: str = "float32"
+    full_attention_layers: tuple = ()
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -94,6 +102,9 @@ class CacheSpec:
             _check_int(name, getattr(self, name))
         if not isinstance(self.cca, CCAConfig):
             raise TypeError(f"cca must be a CCAConfig, got {type(self.cca).__name__}")
+        layers = check_layer_indices(self.full_attention_layers, self.num_layers)
+        object.__setattr__(self, "full_attention_layers",
+                           () if self.attention == "full" else layers)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
@@ -109,14 +120,30 @@ class CacheSpec:
         """R: raw ring slots (w + g, or max_length if that is smaller)."""
         return min(self.window_size + self.group_size, self.max_length)
 
+    def layer_attention(self, index: int) -> str:
+        """"cca" or "full": the kind of layer `index`'s cache (`config.layer_attention`)."""
+        if not 0 <= index < self.num_layers:
+            raise IndexError(f"layer {index} of a cache of {self.num_layers} layers")
+        return layer_attention(self, index)
+
+    def layer_spec(self, index: int) -> "CacheSpec":
+        """The spec of layer `index` alone: this spec with `attention` set to the layer's
+        kind and no hybrid list (what the one-layer functions read)."""
+        kind = self.layer_attention(index)
+        if kind == self.attention and not self.full_attention_layers:
+            return self
+        return dataclasses.replace(self, attention=kind, full_attention_layers=())
+
     @classmethod
     def for_model(cls, config, batch_size: int, max_length: int, attention: str | None = None):
-        """The spec of a cache for a `LlamaConfig`; attention None means config.attention."""
+        """The spec of a cache for a `LlamaConfig`; attention None means config.attention.
+        The config's `full_attention_layers` hold full caches unless attention is "full"
+        (then every layer does)."""
         return cls(attention=config.attention if attention is None else attention,
                    batch_size=batch_size, max_length=max_length,
                    num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
                    num_kv_heads=config.kv_heads, head_dim=config.head_size, cca=config.cca,
-                   dtype=config.dtype)
+                   dtype=config.dtype, full_attention_layers=config.full_attention_layers)
 
 
 @struct.dataclass
@@ -140,23 +167,26 @@ class DecodeCache:
     spec: CacheSpec = struct.field(pytree_node=False)
 
 
-def init_cache(spec: CacheSpec) -> DecodeCache:
-    """A zero-filled cache (nothing cached yet). Use under `jax.eval_shape` to size one."""
+def init_layer_cache(spec: CacheSpec):
+    """A zero-filled layer cache of `spec.attention`'s kind (a one-layer spec,
+    `CacheSpec.layer_spec`)."""
     B, H, Hkv, d = spec.batch_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
     dtype = jnp.dtype(spec.dtype)
     if spec.attention == "full":
-        def layer():
-            shape = (B, spec.max_length, Hkv, d)
-            return FullLayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-    else:
-        C, R = spec.core_capacity, spec.raw_capacity
+        shape = (B, spec.max_length, Hkv, d)
+        return FullLayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    C, R = spec.core_capacity, spec.raw_capacity
+    return CCALayerCache(
+        core_k=jnp.zeros((B, C, H, d), dtype), core_v=jnp.zeros((B, C, H, d), dtype),
+        raw_k=jnp.zeros((B, R, Hkv, d), dtype), raw_v=jnp.zeros((B, R, Hkv, d), dtype))
 
-        def layer():
-            return CCALayerCache(
-                core_k=jnp.zeros((B, C, H, d), dtype), core_v=jnp.zeros((B, C, H, d), dtype),
-                raw_k=jnp.zeros((B, R, Hkv, d), dtype), raw_v=jnp.zeros((B, R, Hkv, d), dtype))
-    return DecodeCache(layers=tuple(layer() for _ in range(spec.num_layers)),
-                       lengths=jnp.zeros((B,), jnp.int32), spec=spec)
+
+def init_cache(spec: CacheSpec) -> DecodeCache:
+    """A zero-filled cache (nothing cached yet), each layer of its own kind. Use under
+    `jax.eval_shape` to size one."""
+    layers = tuple(init_layer_cache(spec.layer_spec(i)) for i in range(spec.num_layers))
+    return DecodeCache(layers=layers, lengths=jnp.zeros((spec.batch_size,), jnp.int32),
+                       spec=spec)
 
 
 def cache_nbytes(tree) -> int:
@@ -166,8 +196,23 @@ def cache_nbytes(tree) -> int:
 
 
 def cache_bytes_for(spec: CacheSpec) -> int:
-    """Bytes a cache of this spec allocates, read from its arrays without allocating them."""
+    """Bytes a cache of this spec allocates, read from its arrays without allocating them
+    (each layer counted by its kind)."""
     return cache_nbytes(jax.eval_shape(lambda: init_cache(spec)))
+
+
+def cache_bytes_by_kind(spec: CacheSpec) -> dict[str, tuple[int, int]]:
+    """{kind: (layers, bytes)} for the kinds present in a cache of this spec ("cca",
+    "full"), read from the layers' arrays like `cache_bytes_for` (whose total they add up
+    to, less the [B] lengths)."""
+    kinds = [spec.layer_attention(i) for i in range(spec.num_layers)]
+    out = {}
+    for kind in ATTENTION_KINDS:
+        if kind in kinds:
+            one = dataclasses.replace(spec, attention=kind, full_attention_layers=())
+            nbytes = cache_nbytes(jax.eval_shape(lambda: init_layer_cache(one)))
+            out[kind] = (kinds.count(kind), kinds.count(kind) * nbytes)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -663,6 +708,12 @@ class CacheStep:
         """[B, length] positions of the chunk's columns."""
         return self.start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
 
+    def for_layer(self, index: int) -> "CacheStep":
+        """This step as decoder layer `index` sees it: its spec is the layer's own
+        (`CacheSpec.layer_spec`), so `attend_cached` runs the layer's kind."""
+        spec = self.spec.layer_spec(index)
+        return self if spec is self.spec else self.replace(spec=spec)
+
 
 def attend_cached(step: CacheStep, layer_cache, q, k, v, *, implementation: str = "auto",
                   scale: float | None = None):
@@ -677,6 +728,13 @@ def attend_cached(step: CacheStep, layer_cache, q, k, v, *, implementation: str 
     spec = step.spec
     if scale is not None and not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
         raise ValueError("cached attention uses the default scale 1/sqrt(head_dim)")
+    if spec.full_attention_layers:
+        raise ValueError("attend_cached takes one layer's step (CacheStep.for_layer), not a "
+                         "hybrid model's")
+    expected = FullLayerCache if spec.attention == "full" else CCALayerCache
+    if not step.empty and not isinstance(layer_cache, expected):   # (empty: not read)
+        raise TypeError(f"the layer's spec says attention={spec.attention!r}, which needs a "
+                        f"{expected.__name__}; got a {type(layer_cache).__name__}")
     T = q.shape[1]
     if step.empty:
         new_cache = prefill_layer(spec, q, k, v, step.count)

@@ -13,13 +13,22 @@ One `CCAConfig` travels from the command line to the kernels:
 
 `LlamaConfig`, `CacheSpec` and `CCAAttention` still accept `group_size=`, `window_size=` and
 (`LlamaConfig`) `attention_implementation=` as keywords and put them into their `CCAConfig`.
+
+Hybrid models: `LlamaConfig.full_attention_layers` (and `CacheSpec.full_attention_layers`)
+lists the decoder layers that use full attention while the others use `attention`. The
+rule, in one place (`layer_attention`): a listed layer is "full"; an unlisted one takes
+`attention`. So with attention="full" every layer is full and the list changes nothing; with
+attention="cca" and every layer listed the model is the full-attention model. The list is
+validated by `check_layer_indices` and parsed from the command line by
+`parse_layer_indices` ("3,11"; "none" for no layer).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import numbers
-from typing import Mapping
+from typing import Iterable, Mapping
 
 ATTENTION_KINDS = ("cca", "full")
 CCA_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
@@ -44,6 +53,80 @@ def check_implementation(implementation: str, allowed: tuple[str, ...] = CCA_IMP
     if implementation not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                          f"got {implementation!r}")
+
+
+def check_layer_indices(value: Iterable, num_layers: int | None = None,
+                        name: str = "full_attention_layers") -> tuple[int, ...]:
+    """Layer indices as a sorted tuple of ints (the hashable form configs store).
+
+    `value` is any iterable of ints (a list read from JSON, a tuple, numpy ints). TypeError
+    if it is not an iterable of ints (a string, a bool, a float); ValueError for a negative
+    index, an index >= `num_layers` (when given) or an index listed twice; each error names
+    `name`."""
+    if isinstance(value, (str, bytes)) or isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a list of layer indices (ints), got {value!r}")
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of layer indices (ints), got {value!r}") from None
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise TypeError(f"{name} must be a list of layer indices (ints), got {item!r} in "
+                            f"{value!r}")
+    indices = [int(item) for item in items]
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{name} lists layer {repeated[0]} more than once: {indices}")
+    for index in indices:
+        if index < 0 or (num_layers is not None and index >= num_layers):
+            where = (f"the model has {num_layers} layers, 0 .. {num_layers - 1}"
+                     if num_layers is not None else "indices count from 0")
+            raise ValueError(f"{name}: layer {index} is out of range ({where})")
+    return tuple(sorted(indices))
+
+
+def layer_attention(config, index: int) -> str:
+    """"cca" or "full": the attention of decoder layer `index` under `config` (a
+    `LlamaConfig` or a `CacheSpec`: anything with `attention` and `full_attention_layers`).
+    Every per-layer decision (the model's layers, the cache's layers, the reports) asks
+    this function."""
+    if config.attention == "full" or index in config.full_attention_layers:
+        return "full"
+    return config.attention
+
+
+def parse_layer_indices(text: str, flag: str | None = "--full-attention-layers"
+                        ) -> tuple[int, ...]:
+    """Layer indices from the command line: "3,11" (commas, spaces allowed), or "none" /
+    "" for no layer. ValueError (its message starting with `flag`, when given) for anything
+    else: a word, a negative number, an index listed twice. The range is checked where the
+    model's layer count is known (the config)."""
+    prefix = f"{flag}: " if flag else ""
+    stripped = text.strip()
+    if stripped.lower() in ("", "none"):
+        return ()
+    parts = [part.strip() for part in stripped.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ValueError(f"{prefix}expected layer indices (ints >= 0) separated by commas, "
+                         f"e.g. 3,11, or 'none'; got {text!r}")
+    indices = [int(part) for part in parts]
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{prefix}layer {repeated[0]} is listed more than once in {text!r}")
+    return tuple(sorted(indices))
+
+
+def layer_indices_argument(text: str) -> tuple[int, ...]:
+    """`parse_layer_indices` as an argparse `type=`: argparse names the flag in its error."""
+    try:
+        return parse_layer_indices(text, flag=None)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def describe_layers(indices: Iterable[int]) -> str:
+    """"3,11" (the flag's spelling) or "none"."""
+    return ",".join(str(i) for i in indices) or "none"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,9 +89,10 @@ class CCAAttention(nnx.Module):
 
     Cached call (generation): `layer(x, cache=layer_cache, step=step)` appends the chunk x
     (T tokens per row, at positions `step.start + 0 .. T - 1`) to a layer cache of
-    `cca_jax.cache` and returns `(y, new layer cache)`; `step` is the `CacheStep` that the
-    model builds once per call. The cache's kind (`step.spec.attention`) decides the
-    attention, so one set of weights serves a CCA and a full cache. Training, prefill and
+    `cca_jax.cache` and returns `(y, new layer cache)`; `step` is this layer's `CacheStep`
+    (the model builds one per call and hands each layer `step.for_layer(i)`). The cache's
+    kind (`step.spec.attention`) decides the attention, so one set of weights serves a CCA
+    and a full cache. Training, prefill and
     decoding share this code.
     """
 

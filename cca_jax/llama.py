@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from cca_jax.config import (DEFAULT_CCA, CCAConfig, accepts_cca_keywords, check_attention_kind,
-                            check_positive_int)
+                            check_layer_indices, check_positive_int, layer_attention)
 from cca_jax.layer import CCAAttention, partitioned
 from cca_jax.rope import normalize_rope_scaling
 
@@ -98,7 +98,14 @@ class LlamaConfig:
 
     `cca` (a `CCAConfig`: g, w and the op implementation) is used when attention="cca";
     `group_size=`, `window_size=` and `attention_implementation=` are accepted as keywords
-    (and by `replace`) and read back as properties."""
+    (and by `replace`) and read back as properties.
+
+    `full_attention_layers` makes a hybrid model: the decoder layers listed (indices from 0)
+    use full causal attention, the others `attention`. Any iterable of ints is accepted and
+    stored as a sorted tuple; an index out of range or listed twice is a ValueError. With
+    attention="full" every layer is full whatever the list says (it is kept, so that
+    `replace(attention="cca")` gives the hybrid back). `cca_jax.config.layer_attention(config,
+    i)` says what layer i runs; `attention_kinds` lists all of them."""
 
     vocab_size: int = 256
     hidden_size: int = 64
@@ -121,6 +128,7 @@ class LlamaConfig:
     # How attention is computed (not part of the pretrained architecture):
     attention: str = "full"
     cca: CCAConfig = DEFAULT_CCA
+    full_attention_layers: tuple = ()   # hybrid: these layers use full attention
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat: str = "none"           # per-layer rematerialisation policy, see REMAT_POLICIES
@@ -157,6 +165,8 @@ class LlamaConfig:
             object.__setattr__(self, "cca", CCAConfig(**self.cca))
         if not isinstance(self.cca, CCAConfig):
             raise TypeError(f"cca must be a CCAConfig, got {type(self.cca).__name__}")
+        object.__setattr__(self, "full_attention_layers", check_layer_indices(
+            self.full_attention_layers, self.num_hidden_layers))
         to_jnp_dtype(self.dtype, "dtype")
         to_jnp_dtype(self.param_dtype, "param_dtype")
         if self.remat not in REMAT_POLICIES:
@@ -171,18 +181,25 @@ class LlamaConfig:
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """Each decoder layer's attention, "cca" or "full" (see `layer_attention`)."""
+        return tuple(layer_attention(self, i) for i in range(self.num_hidden_layers))
+
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        out["full_attention_layers"] = list(self.full_attention_layers)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LlamaConfig":
         # Files written before `cca` existed hold group_size, window_size and
-        # attention_implementation at the top level; the constructor takes them.
+        # attention_implementation at the top level; the constructor takes them. Files
+        # written before `full_attention_layers` existed have none: no layer is hybrid.
         known = {f.name for f in dataclasses.fields(cls)} | {
             "group_size", "window_size", "attention_implementation"}
         unknown = sorted(set(data) - known)
@@ -228,12 +245,16 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    """Decoder layer `index` of a model of `config`: its attention is
+    `layer_attention(config, index)`."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, index: int = 0):
         dtype, pdtype = DTYPES[config.dtype], DTYPES[config.param_dtype]
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, pdtype)
         self.self_attn = CCAAttention(
             config.hidden_size, config.num_attention_heads, config.kv_heads, config.head_size,
-            attention=config.attention, cca=config.cca, rope_theta=config.rope_theta,
+            attention=layer_attention(config, index), cca=config.cca,
+            rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
             max_position_embeddings=config.max_position_embeddings,
             qkv_bias=config.attention_bias, out_bias=config.attention_out_bias, dtype=dtype,
@@ -275,8 +296,10 @@ class LlamaForCausalLM(nnx.Module):
                                       param_dtype=pdtype,
                                       embedding_init=partitioned(embed_init, ("vocab", "embed")),
                                       rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(config, rngs)
-                                for _ in range(config.num_hidden_layers)])
+        # A Python list of layers, not a scanned stack: each layer is traced on its own, so
+        # the layers of a hybrid model may differ in kind at no cost in the compiled code.
+        self.layers = nnx.List([LlamaDecoderLayer(config, rngs, index)
+                                for index in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, pdtype)
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(
@@ -351,8 +374,9 @@ class LlamaForCausalLM(nnx.Module):
                          interpret=bool(interpret))
         x = self.embed_tokens(input_ids)
         layers = []
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = layer(x, cache=layer_cache, step=step)
+        for index, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            # Each layer attends as its cache layer's kind says (cache.spec's pattern).
+            x, layer_cache = layer(x, cache=layer_cache, step=step.for_layer(index))
             layers.append(layer_cache)
         last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
         logits = self.logits(self.norm(last))

@@ -25,7 +25,7 @@ from flax import nnx
 
 from cca_jax.hf import (TOKENIZER_FILES, hf_to_params, llama_config_from_hf, load_hf_state_dict,
                         read_hf_config, stored_dtype)
-from cca_jax.config import DEFAULT_CCA, CCAConfig, check_attention_kind
+from cca_jax.config import DEFAULT_CCA, CCAConfig, check_attention_kind, check_layer_indices
 from cca_jax.converted import is_converted_dir, load_converted, read_converted_config
 from cca_jax.llama import DTYPES, LlamaConfig, LlamaForCausalLM
 from cca_jax.params import flat_by_name, key_path_name, name_mismatch
@@ -103,7 +103,8 @@ def read_params(path: str | os.PathLike) -> tuple[LlamaConfig, dict, str]:
 def from_pretrained(path: str | os.PathLike, *, attention: str = "full",
                     cca: CCAConfig = DEFAULT_CCA, group_size: int | None = None,
                     window_size: int | None = None, dtype=None, param_dtype=None,
-                    implementation: str | None = None) -> LlamaForCausalLM:
+                    implementation: str | None = None,
+                    full_attention_layers=None) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` with pretrained weights from a converted or HF directory.
 
     Args:
@@ -112,6 +113,10 @@ def from_pretrained(path: str | os.PathLike, *, attention: str = "full",
       cca: CCA's g, w and op implementation (`CCAConfig`; default the paper's g = 16,
         w = 1024), used when attention="cca" (the stored directory's are not read).
       group_size, window_size, implementation: replace those fields of `cca`.
+      full_attention_layers: layer indices that use full attention when attention="cca" (a
+        hybrid model; `LlamaConfig.full_attention_layers`); () for none; None keeps the
+        directory's (a train.finetune export of a hybrid model records them; a Hugging Face
+        directory has none).
       dtype: compute dtype ("float32", "bfloat16", "float16" or a dtype); None keeps the
         stored config's (float32 for Hugging Face directories).
       param_dtype: parameter storage dtype; None keeps the dtype the weights are stored in.
@@ -129,9 +134,13 @@ def from_pretrained(path: str | os.PathLike, *, attention: str = "full",
         raise TypeError(f"cca must be a CCAConfig, got {type(cca).__name__}")
     cca = cca.updated(group_size=group_size, window_size=window_size,
                       implementation=implementation)
+    changes = {}
+    if full_attention_layers is not None:
+        changes["full_attention_layers"] = check_layer_indices(
+            full_attention_layers, read_config(path).num_hidden_layers)
     config, params, stored = read_params(path)
     config = config.replace(attention=attention, cca=cca, dtype=dtype or config.dtype,
-                            param_dtype=param_dtype or stored)
+                            param_dtype=param_dtype or stored, **changes)
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     return load_params_into(model, params)
 

@@ -21,15 +21,16 @@ other facts), teacher-forced after one pass over the prompt (`model_candidate_fn
 accuracy is the true value ranked strictly first, with a 95% Wilson interval. The greedy
 answer's exact match is kept as a second column (up to its first wrong token the teacher-
 forced argmaxes are the greedy tokens; `--answer-mode generate` decodes with the cache
-instead). g and w come from the model directory (a train.finetune export records them)
-unless given.
+instead). g, w and a hybrid model's full-attention layers come from the model directory (a
+train.finetune export records them) unless given.
 
 Every example's record, and every perplexity and copy window's sums, are written to
 `results.json`, so two models evaluated alike can be compared pairwise
 (`train.experiments`). Prints a table; writes `results.json` and PNG plots into `--out`.
 
     python -m train.evaluate --model PATH --lengths 1024 2048 4096 8192
-        [--attention cca|full] [--group-size G --window-size W] [--tasks ppl passkey mdqa copy]
+        [--attention cca|full] [--group-size G --window-size W] [--full-attention-layers I,J]
+        [--tasks ppl passkey mdqa copy]
         [--rope-theta T | --rope-scaling linear:2] [--examples N] [--out DIR] [--seed S]
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cca_jax.config import DEFAULT_CCA, CCAConfig
+from cca_jax.config import (DEFAULT_CCA, CCAConfig, check_layer_indices, describe_layers,
+                            layer_indices_argument)
 from cca_jax.io import atomic_write_text
 from train import eval_tasks as tasks_lib
 from train.corpora import KJV_HELDOUT_BOOKS
@@ -595,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window-size", type=int, default=None, metavar="W",
                    help="CCA local window w (default: the model directory's, else the "
                         f"paper's {DEFAULT_CCA.window_size})")
+    g.add_argument("--full-attention-layers", type=layer_indices_argument, default=None,
+                   metavar="I,J",
+                   help="hybrid: these layers (from 0) use full attention, the rest CCA; "
+                        "'none' for no layer (default: the model directory's, e.g. a "
+                        "train.finetune export's)")
     g.add_argument("--attention-implementation", default="auto",
                    choices=("auto", "xla", "pallas", "reference"),
                    help="attention op implementation (auto: Pallas on a GPU, XLA elsewhere)")
@@ -718,6 +725,8 @@ def _default_label(args) -> str:
     label = f"{name}-{args.attention}"
     if args.attention == "cca":
         label += f"-g{args.group_size}-w{args.window_size}"
+        if args.full_attention_layers:
+            label += "-full" + "_".join(map(str, args.full_attention_layers))
     if args.rope_theta is not None:
         label += f"-theta{args.rope_theta:g}"
     if args.rope_scaling is not None:
@@ -739,14 +748,25 @@ def stored_attention(model_dir: str | os.PathLike) -> tuple[str, int, int, str]:
 
 
 def resolve_attention(args) -> str:
-    """Fill --attention, --group-size and --window-size left unset from the model directory;
-    returns a note saying where each came from."""
+    """Fill --attention, --group-size, --window-size and --full-attention-layers left unset
+    from the model directory (and check the layers given against it); returns a note saying
+    where each came from."""
+    from cca_jax.loading import read_config
+
     attention, g, w, origin = stored_attention(args.model)
     taken = []
     for name, value in (("attention", attention), ("group_size", g), ("window_size", w)):
         if getattr(args, name) is None:
             setattr(args, name, value)
             taken.append(name.replace("_", " "))
+    stored = read_config(args.model)
+    if args.full_attention_layers is None:
+        args.full_attention_layers = stored.full_attention_layers
+        if stored.full_attention_layers:
+            taken.append("full-attention layers")
+    else:
+        args.full_attention_layers = check_layer_indices(
+            args.full_attention_layers, stored.num_hidden_layers, "--full-attention-layers")
     return f"{', '.join(taken)} from {origin}" if taken else "attention as given"
 
 
@@ -821,13 +841,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    hybrid = args.attention == "cca" and bool(args.full_attention_layers)
     print(f"loading {args.model} ({dtype}, attention={args.attention}"
           + (f", g={args.group_size}, w={args.window_size}" if args.attention == "cca" else "")
+          + (f", full attention in layers {describe_layers(args.full_attention_layers)}"
+             if hybrid else "")
           + f") on {jax.default_backend()} ...", file=err, flush=True)
     try:
         cca = CCAConfig(group_size=args.group_size, window_size=args.window_size,
                         implementation=args.attention_implementation)
-        model = from_pretrained(args.model, attention=args.attention, cca=cca, dtype=dtype)
+        model = from_pretrained(args.model, attention=args.attention, cca=cca, dtype=dtype,
+                                full_attention_layers=args.full_attention_layers)
         model = with_rope(model, args.rope_theta, rope_scaling)
     except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as error:
         print(f"error: {error}", file=err)
@@ -849,6 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model), "attention": args.attention,
         "group_size": args.group_size if args.attention == "cca" else None,
         "window_size": args.window_size if args.attention == "cca" else None,
+        "full_attention_layers": list(args.full_attention_layers) if hybrid else [],
         "attention_from": attention_note,
         "rope_theta": config.rope_theta,
         "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,

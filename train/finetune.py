@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from cca_jax.config import DEFAULT_CCA, CCAConfig
+from cca_jax.config import (DEFAULT_CCA, CCAConfig, check_layer_indices, describe_layers,
+                            layer_indices_argument)
 
 # The default run is a few minutes on a CPU: 512-token sequences, so the window is 128, not the
 # paper's 1024 (with w + g > 512 no group would ever be pooled and CCA would be exactly full
@@ -39,6 +40,8 @@ TRAJECTORY_ARGS = ("model", "data", "eval_data", "text_field", "seq_len", "batch
                    "grad_accum", "attention", "group_size", "window_size", "lr",
                    "warmup_steps", "clip", "weight_decay", "seed", "dtype", "rope_theta",
                    "rope_scaling", "loss_chunk", "attention_implementation")
+# Trajectory entries newer than some checkpoints, with the value those checkpoints had.
+TRAJECTORY_ADDED = {"full_attention_layers": []}
 
 
 class UsageError(ValueError):
@@ -76,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-implementation", default="auto",
                    choices=("auto", "xla", "pallas", "reference"),
                    help="attention op implementation (auto: Pallas on a GPU, XLA elsewhere)")
+    g.add_argument("--full-attention-layers", type=layer_indices_argument, default=None,
+                   metavar="I,J",
+                   help="hybrid: these layers (from 0) keep full attention, the rest use "
+                        "CCA, e.g. 3,11 (python -m train.attention_reach suggests some); "
+                        "'none' for no layer; recorded in the export (default: the model "
+                        "directory's, none for a Hugging Face directory)")
     g.add_argument("--rope-theta", type=float, default=None,
                    help="replace the model's RoPE base (e.g. 5e5 to stretch the context, as "
                         "the paper does)")
@@ -295,6 +304,9 @@ def prepare(args) -> Setup:
     changes = dict(attention=args.attention, cca=cca,
                    dtype=compute_dtype(args.dtype, jax.default_backend()),
                    param_dtype="float32", remat=args.remat)
+    if args.full_attention_layers is not None:
+        changes["full_attention_layers"] = check_layer_indices(
+            args.full_attention_layers, base.num_hidden_layers, "--full-attention-layers")
     if args.rope_theta is not None:
         changes["rope_theta"] = float(args.rope_theta)
     if s.rope_scaling is not None:
@@ -427,6 +439,7 @@ def trajectory_of(args, s) -> dict:
     out["data"] = [str(p.absolute()) for p in s.train_files]
     out["eval_data"] = [str(p.absolute()) for p in s.eval_files] if s.eval_files else None
     out["dtype"] = s.config.dtype
+    out["full_attention_layers"] = list(s.config.full_attention_layers)
     return json.loads(json.dumps(out))
 
 
@@ -494,8 +507,9 @@ class NonFiniteGuard:
 
 def check_resumable(meta: dict, trajectory: dict, steps: int) -> None:
     stored = meta.get("trajectory", {})
-    changed = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {trajectory[k]!r}"
-               for k in trajectory if stored.get(k) != trajectory[k]]
+    changed = [f"--{k.replace('_', '-')} {stored.get(k, TRAJECTORY_ADDED.get(k))!r} -> "
+               f"{trajectory[k]!r}" for k in trajectory
+               if stored.get(k, TRAJECTORY_ADDED.get(k)) != trajectory[k]]
     if changed:
         raise UsageError("--resume: the checkpoint was made with other settings that fix the "
                          f"trajectory ({'; '.join(changed)}); use the same ones, or start a "
@@ -555,6 +569,7 @@ def run(s: Setup) -> int:
           f"hidden {config.hidden_size}, heads {config.num_attention_heads}/{config.kv_heads}, "
           f"vocab {config.vocab_size}); attention {config.attention}"
           f"{f' g={config.group_size} w={config.window_size}' if config.attention == 'cca' else ''}"
+          f"{f', full attention in layers {describe_layers(config.full_attention_layers)}' if config.attention == 'cca' and config.full_attention_layers else ''}"
           f"; compute {config.dtype}, master weights float32, remat {config.remat}", flush=True)
     tx, schedule = make_optimizer(args.lr, args.warmup_steps, args.clip, args.weight_decay)
     print(f"optimizer: AdamW lr {args.lr:g}, {args.warmup_steps} warm-up steps then constant, "

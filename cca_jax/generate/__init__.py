@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cca_jax.cache import (CacheSpec, _check_int, cache_bytes_for, init_cache,
-                           normalize_padding, prefill_chunk, resolve_decode_implementation)
+from cca_jax.cache import (CacheSpec, _check_int, cache_bytes_by_kind, cache_bytes_for,
+                           init_cache, normalize_padding, prefill_chunk,
+                           resolve_decode_implementation)
 from cca_jax.llama import check_token_ids
 
 
@@ -150,6 +151,8 @@ class GenerationStats:
     decode_calls: int = 0           # device calls the decoding took (each many tokens)
     cache_bytes: int = 0            # read from the cache's arrays
     full_cache_bytes: int = 0       # what a full cache of the same length would allocate
+    # {"cca" / "full": (layers, bytes)}: the cache's layers of each kind (a hybrid has both)
+    cache_bytes_by_kind: dict = dataclasses.field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -306,7 +309,8 @@ class CachedGeneration:
         self.key = jax.random.PRNGKey(int(seed))
         self.stats = GenerationStats(prompt_tokens=width, cache_bytes=cache_bytes_for(self.spec),
                                      full_cache_bytes=cache_bytes_for(
-                                         dataclasses.replace(self.spec, attention="full")))
+                                         dataclasses.replace(self.spec, attention="full")),
+                                     cache_bytes_by_kind=cache_bytes_by_kind(self.spec))
         self._compiled = None
         self.logits: list[np.ndarray] = []   # filled when keep_logits is set
         self.keep_logits = False
@@ -415,7 +419,9 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0,
       top_p: nucleus sampling: keep the most likely tokens up to this total probability.
       seed: random seed of the sampling (token i uses fold_in(PRNGKey(seed), i)).
       attention: "cca" (compressed cache), "full" (ordinary cache), or None for the model's
-        configured attention. g and w come from the model config.
+        configured attention. g and w come from the model config, and so do a hybrid
+        model's full-attention layers (`LlamaConfig.full_attention_layers`: full caches in
+        those layers, CCA caches in the rest, unless attention="full").
       attention_mask: [B, L] of 1 (token) / 0 (padding), left or right padded; each row's
         positions start at 0 at its first token. Rows keep their padding side in the
         output: left-padded rows end with their new tokens, right-padded rows continue right

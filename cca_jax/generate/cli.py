@@ -2,7 +2,7 @@
 
     python -m cca_jax.generate --model PATH (--prompt TEXT | --prompt-file FILE)
         --max-new-tokens N [--attention cca|full] [--group-size G --window-size W]
-        [--temperature T --top-p P --seed S]
+        [--full-attention-layers 3,11] [--temperature T --top-p P --seed S]
 
 The continuation goes to stdout as it is produced; progress and the closing statistics
 (prefill seconds, decode tokens/s, cache bytes next to a full cache) to stderr. Every check of
@@ -20,7 +20,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cca_jax.config import DEFAULT_CCA, CCAConfig
+from cca_jax.config import (DEFAULT_CCA, CCAConfig, check_layer_indices, describe_layers,
+                            layer_indices_argument)
 from cca_jax.generate import CachedGeneration, GenerationStats, Sampling, _check_max_new_tokens
 from cca_jax.llama import check_token_ids
 
@@ -93,6 +94,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-size", type=int, default=DEFAULT_CCA.window_size,
                         metavar="W", help="CCA local window w (default: %(default)s, the "
                                           "paper's)")
+    parser.add_argument("--full-attention-layers", type=layer_indices_argument, default=None,
+                        metavar="I,J", help="hybrid: these layers (from 0) use full attention "
+                                            "and a full cache, the rest CCA; 'none' for no "
+                                            "layer (default: what the model directory "
+                                            "records, e.g. a train.finetune export)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
                         help="0 = greedy (default), otherwise sample from softmax(logits / T)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
@@ -160,8 +166,15 @@ def closing_report(stats: GenerationStats, max_length: int, stopped: str = "") -
     # At short lengths the CCA cache (a ring of w + g raw slots)
     # can be larger than a full cache of the same length.
     relation = f"{100 * change:.1f}% less" if change >= 0 else f"{-100 * change:.1f}% more"
+    kinds = stats.cache_bytes_by_kind
+    split = ""
+    if len(kinds) > 1:      # a hybrid model: each layer counted by its kind
+        split = " (" + ", ".join(
+            f"{layers} {'CCA' if kind == 'cca' else 'full-attention'} layer"
+            f"{'s' if layers > 1 else ''} {_format_bytes(nbytes)}"
+            for kind, (layers, nbytes) in kinds.items()) + ")"
     lines.append(f"cache: {_format_bytes(stats.cache_bytes)} ({stats.cache_bytes} bytes) for "
-                 f"{max_length} positions; a full cache would take "
+                 f"{max_length} positions{split}; a full cache would take "
                  f"{_format_bytes(stats.full_cache_bytes)} ({stats.full_cache_bytes} bytes): "
                  f"{relation}")
     return lines
@@ -218,11 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         dtype = args.dtype
         if dtype == "auto":
             dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+        stored = read_config(model_dir)
+        layers = args.full_attention_layers
+        layers = stored.full_attention_layers if layers is None else check_layer_indices(
+            layers, stored.num_hidden_layers, "--full-attention-layers")
         print(f"loading {model_dir} ({dtype}, attention={args.attention}"
               + (f", g={args.group_size}, w={args.window_size}" if args.attention == "cca"
-                 else "") + ") ...", file=err, flush=True)
+                 else "")
+              + (f", full attention in layers {describe_layers(layers)}"
+                 if args.attention == "cca" and layers else "") + ") ...", file=err, flush=True)
         cca = CCAConfig(group_size=args.group_size, window_size=args.window_size)
-        model = from_pretrained(model_dir, attention=args.attention, cca=cca, dtype=dtype)
+        model = from_pretrained(model_dir, attention=args.attention, cca=cca, dtype=dtype,
+                                full_attention_layers=layers)
         eos = set() if args.ignore_eos else _eos_ids(tokenizer, model.config)
         session = CachedGeneration(model, prompt_ids, args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p,
