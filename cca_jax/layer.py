@@ -7,6 +7,7 @@ One layer serves training, prefill and decoding: with a layer cache it appends t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -43,17 +44,74 @@ def _mesh_axes_for(rules: dict, logical: str, mesh, size: int) -> tuple[str, ...
     return names if names and size % total == 0 else ()
 
 
-def attention_per_shard(attend, q, k, v):
+def context_axis(q_length: int | None = None) -> str | None:
+    """The mesh axis the sequence is split over (context parallelism), or None.
+
+    Set when a mesh is active (`jax.set_mesh`) with logical axis rules
+    (`nnx.logical_axis_rules`) that map the logical axis "length" to one mesh axis of size
+    > 1, as `train/sharding.py` maps it to "context". With `q_length`, a length that the axis
+    does not divide is an error rather than a silently unsplit sequence."""
+    from flax.core import spmd as flax_spmd
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = dict(flax_spmd.get_logical_axis_rules())
+    if mesh is None or mesh.empty or not rules or rules.get("length") is None:
+        return None
+    target = rules["length"]
+    names = (target,) if isinstance(target, str) else tuple(target)
+    names = tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+    if not names:
+        return None
+    if len(names) > 1:
+        raise ValueError(f"the sequence can be split over one mesh axis, but the rules map "
+                         f"'length' to {names}")
+    if q_length is not None and q_length % mesh.shape[names[0]]:
+        raise ValueError(f"a sequence of {q_length} tokens does not split into "
+                         f"{mesh.shape[names[0]]} equal shards over the mesh axis "
+                         f"{names[0]!r}")
+    return names[0]
+
+
+def context_size(length: int | None = None) -> int:
+    """How many shards the sequence is split into (1 without context parallelism)."""
+    axis = context_axis(length)
+    return 1 if axis is None else jax.sharding.get_abstract_mesh().shape[axis]
+
+
+def constrain_sequence(x):
+    """Under context parallelism, lay x [B, L, ...] out split along L over the context axis
+    (and over the batch axes along B): the activations of a long sequence then live in
+    shards, and per-token work (embeddings, MLPs, norms, the loss) runs where its tokens
+    are. Without it, x is returned unchanged."""
+    axis = context_axis(x.shape[1])
+    if axis is None:
+        return x
+    from flax.core import spmd as flax_spmd
+
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = _mesh_axes_for(dict(flax_spmd.get_logical_axis_rules()), "batch", mesh,
+                           x.shape[0])
+    spec = jax.sharding.PartitionSpec(batch or None, axis, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def attention_per_shard(attend, q, k, v, *, context_attend=None):
     """Run `attend(q, k, v)` once per shard with `jax.shard_map` when a mesh is active.
 
     Active means: a mesh set with `jax.set_mesh` and logical axis rules set with
     `nnx.logical_axis_rules` (as `train/` does). q [B, L, H, d] and k, v [B, L, Hkv, d] are
     split over batch along the mesh axes of the logical axis "batch" and over heads along
     those of "heads" (only when both H and Hkv divide: each shard then keeps whole GQA
-    groups). The sequence axis is never split (CCA's pooling needs whole sequences), so each
-    device runs the unchanged op (XLA or Pallas) on its own [B/n, L, H/t, d] block and no
-    custom partitioning rule for the Pallas kernel is needed. Without a mesh, or when no
-    axis would be split, `attend` is called directly.
+    groups), so each device runs the unchanged op (XLA or Pallas) on its own
+    [B/n, L, H/t, d] block and no custom partitioning rule for the Pallas kernel is needed.
+
+    The sequence axis is split only under context parallelism (`context_axis()`, the
+    logical axis "length" on a mesh axis of size > 1) and only for an op that has a
+    per-shard form: `context_attend(q, k, v, axis_name=...)` receives [B/n, L/c, H/t, d]
+    and exchanges what it needs over that axis (CCA: `cca_jax.context.cca_attention_shard`,
+    core tokens and a halo). An op without one (full attention) is given whole sequences:
+    its shard_map leaves the length whole, so the partitioner gathers the sequence first.
+    Without a mesh, or when no axis would be split, `attend` is called directly.
     """
     from flax.core import spmd as flax_spmd
 
@@ -65,15 +123,17 @@ def attention_per_shard(attend, q, k, v):
     heads = _mesh_axes_for(rules, "heads", mesh, q.shape[2])
     if heads and _mesh_axes_for(rules, "heads", mesh, k.shape[2]) != heads:
         heads = ()
-    if not batch and not heads:
+    context = context_axis(q.shape[1]) if context_attend is not None else None
+    if not batch and not heads and context is None:
         return attend(q, k, v)
-    spec = jax.sharding.PartitionSpec(batch or None, None, heads or None, None)
+    spec = jax.sharding.PartitionSpec(batch or None, context, heads or None, None)
+    body = attend if context is None else functools.partial(context_attend, axis_name=context)
     if hasattr(jax, "shard_map"):
         # check_vma=False: pallas_call has no varying-manual-axes rule in every jax version.
-        return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+        return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                              check_vma=False)(q, k, v)
     from jax.experimental.shard_map import shard_map  # jax versions before jax.shard_map
-    return shard_map(attend, mesh, in_specs=(spec, spec, spec), out_specs=spec,
+    return shard_map(body, mesh, in_specs=(spec, spec, spec), out_specs=spec,
                      check_rep=False)(q, k, v)
 
 
@@ -181,7 +241,8 @@ class CCAAttention(nnx.Module):
             if step is not None:
                 raise ValueError("step is given without a cache")
             q, k, v = self.project_qkv(x, positions)
-            out = attention_per_shard(self._attend, q, k, v)
+            context = self._context_attend if self.attention == "cca" else None
+            out = attention_per_shard(self._attend, q, k, v, context_attend=context)
             return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
         if step is None or positions is not None:
             raise ValueError("a cached call takes step= (a cca_jax.cache.CacheStep) and no "
@@ -189,6 +250,21 @@ class CCAAttention(nnx.Module):
         q, k, v = self.project_qkv(x, step.positions(L))
         out, cache = attend_cached(step, cache, q, k, v, implementation=self.cca.implementation)
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim)), cache
+
+    def _context_attend(self, q, k, v, *, axis_name: str):
+        """CCA of one sequence shard (context parallelism): contiguous shards in order, each
+        a whole number of groups (`cca_jax.context.cca_attention_shard`)."""
+        from cca_jax.context import cca_attention_shard
+
+        shard, g = q.shape[1], self.cca.group_size
+        if shard % g:
+            raise ValueError(
+                f"context parallelism needs each sequence shard to hold whole groups: a shard "
+                f"of {shard} tokens (the sequence length / the {axis_name!r} axis size "
+                f"{jax.lax.axis_size(axis_name)}) is not a multiple of group_size {g}; use a "
+                "sequence length that is a multiple of group_size x the context axis")
+        return cca_attention_shard(q, k, v, axis_name=axis_name, group_size=g,
+                                   window_size=self.cca.window_size)
 
     def _attend(self, q, k, v):
         if self.attention == "cca":

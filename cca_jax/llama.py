@@ -33,7 +33,7 @@ from flax import nnx
 
 from cca_jax.config import (DEFAULT_CCA, CCAConfig, accepts_cca_keywords, check_attention_kind,
                             check_layer_indices, check_positive_int, layer_attention)
-from cca_jax.layer import CCAAttention, partitioned
+from cca_jax.layer import CCAAttention, constrain_sequence, partitioned
 from cca_jax.rope import normalize_rope_scaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -316,7 +316,7 @@ class LlamaForCausalLM(nnx.Module):
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)} "
                              f"{getattr(input_ids, 'dtype', '')}")
         check_token_ids(input_ids, self.config.vocab_size)
-        x = self.embed_tokens(input_ids)
+        x = constrain_sequence(self.embed_tokens(input_ids))
         policy = self.config.remat
         for layer in self.layers:
             if policy == "none":

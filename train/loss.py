@@ -17,25 +17,35 @@ import optax
 def token_losses(model, hidden, targets, chunk: int):
     """(nll float32 [B, L], top-1 correct bool [B, L]) of `targets` [B, L] under the logits
     of `hidden` [B, L, D] (`model.hidden_states` output), formed `chunk` positions at a time:
-    nll[b, i] = -log softmax(logits[b, i])[targets[b, i]]."""
+    nll[b, i] = -log softmax(logits[b, i])[targets[b, i]].
+
+    Under context parallelism (the sequence split into c shards, `cca_jax.layer`) the chunks
+    are taken within each shard, all shards at once, so no shard's hidden states move."""
+    from cca_jax.layer import context_size
+
     B, L, D = hidden.shape
-    chunk = max(1, min(chunk, L))
-    n = -(-L // chunk)
-    pad = n * chunk - L
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D)
-    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk)
+    shards = context_size(L)
+    Ls = L // shards
+    chunk = max(1, min(chunk, Ls))
+    n = -(-Ls // chunk)
+    pad = n * chunk - Ls
+    hidden = jnp.pad(hidden.reshape(B, shards, Ls, D), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets.reshape(B, shards, Ls), ((0, 0), (0, 0), (0, pad)))
+    hidden = hidden.reshape(B, shards, n, chunk, D)
+    targets = targets.reshape(B, shards, n, chunk)
 
     @jax.checkpoint
     def one_chunk(h, t):
-        logits = model.logits(h)                              # float32 [B, chunk, vocab]
+        logits = model.logits(h)                        # float32 [B, shards, chunk, vocab]
         return (optax.softmax_cross_entropy_with_integer_labels(logits, t),
                 jnp.argmax(logits, axis=-1) == t)
 
     nll, top1 = jax.lax.map(lambda xs: one_chunk(*xs),
-                            (hidden.swapaxes(0, 1), targets.swapaxes(0, 1)))
+                            (jnp.moveaxis(hidden, 2, 0), jnp.moveaxis(targets, 2, 0)))
 
-    def unchunk(x):
-        return x.swapaxes(0, 1).reshape(B, n * chunk)[:, :L]
+    def unchunk(x):                                     # [n, B, shards, chunk] -> [B, L]
+        x = jnp.moveaxis(x, 0, 2).reshape(B, shards, n * chunk)[:, :, :Ls]
+        return x.reshape(B, L)
     return unchunk(nll), unchunk(top1)
 
 

@@ -26,6 +26,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),           # query heads (q_proj columns, o_proj rows)
     ("kv_heads", "tensor"),        # key/value heads (k_proj, v_proj columns)
     ("mlp", "tensor"),             # MLP width
+    ("length", "context"),         # activations: the sequence is split over the context axis
 )
 
 
@@ -63,7 +64,7 @@ def spec_for(logical: tuple | None, shape: tuple[int, ...], mesh,
     for name, size in zip(logical, shape):
         target = table.get(name) if name is not None else None
         axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in used)
         if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
             used.update(axes)
             out.append(axes[0] if len(axes) == 1 else axes)

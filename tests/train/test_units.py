@@ -21,8 +21,11 @@ from train import corpora, data, loss, mesh, sharding, step
 # ----------------------------------------------------------------------------- mesh
 
 @pytest.mark.parametrize("spec, devices, expected", [
-    ("8x1", 8, (1, 8, 1)), ("4x2", 8, (1, 4, 2)), ("-1x2", 8, (1, 4, 2)), ("1x1", 1, (1, 1, 1)),
-    ("2x2x2", 8, (2, 2, 2)), ("2x-1x1", 8, (2, 4, 1)), ("-1x1", 1, (1, 1, 1)),
+    ("8x1", 8, (1, 8, 1, 1)), ("4x2", 8, (1, 4, 2, 1)), ("-1x2", 8, (1, 4, 2, 1)),
+    ("1x1", 1, (1, 1, 1, 1)), ("2x2x2", 8, (2, 2, 2, 1)), ("2x-1x1", 8, (2, 4, 1, 1)),
+    ("-1x1", 1, (1, 1, 1, 1)), ("1x1x1x8", 8, (1, 1, 1, 8)), ("2x1x1x-1", 8, (2, 1, 1, 4)),
+    ("context=8", 8, (1, 1, 1, 8)), ("fsdp=2, context=-1", 8, (1, 2, 1, 4)),
+    ("data=2,tensor=2,context=2", 8, (2, 1, 2, 2)),
 ])
 def test_parse_mesh(spec, devices, expected):
     assert mesh.parse_mesh(spec, devices) == expected
@@ -34,8 +37,14 @@ def test_parse_mesh(spec, devices, expected):
     ("3x-1", 8, "cannot infer"),
     ("-1x-1", 8, "at most one"),
     ("0x8", 8, "positive"),
-    ("8", 8, "DxT or DxFxT"),
+    ("8", 8, "DxT, DxFxT, DxFxTxC or AXIS=N"),
+    ("1x1x1x1x8", 8, "DxT, DxFxT, DxFxTxC or AXIS=N"),
     ("ax2", 8, "integers"),
+    ("context=4", 8, "needs 4 devices, but 8"),
+    ("sequence=8", 8, "'sequence' is not a mesh axis"),
+    ("context=2,context=4", 8, "given twice"),
+    ("context=x", 8, "size of context must be an integer"),
+    ("context=-1,fsdp=-1", 8, "at most one"),
 ])
 def test_parse_mesh_errors(spec, devices, message):
     with pytest.raises(ValueError, match=message):
@@ -100,7 +109,7 @@ def test_every_parameter_has_logical_axis_names(options):
 
 
 def test_optimizer_state_inherits_parameter_shardings():
-    devices = np.array(jax.devices()[:1]).reshape(1, 1, 1)
+    devices = np.array(jax.devices()[:1]).reshape(1, 1, 1, 1)
     m = jax.sharding.Mesh(devices, mesh.MESH_AXES)
     params = {"a": {"kernel": jax.ShapeDtypeStruct((4, 6), jnp.float32)},
               "b": jax.ShapeDtypeStruct((6,), jnp.float32)}
