@@ -40,12 +40,13 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--loss-chunk", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=2, help="steps to run (the step is compiled ahead, so every step times only work)")
     parser.add_argument("--no-single", action="store_true",
                         help="skip compiling the one-device step for comparison")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers here")
     args = parser.parse_args(argv)
     for name in ("devices", "length", "group_size", "window_size", "layers", "hidden",
-                 "head_dim", "vocab", "loss_chunk"):
+                 "head_dim", "vocab", "loss_chunk", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
               f"{results['per_device']['peak'] / 2**20:,.1f} MiB "
               f"(temporaries {results['per_device']['temp_size'] / 2**20:,.1f} MiB)", flush=True)
         times = []
-        for i in range(2):
+        for i in range(args.steps):
             t0 = time.perf_counter()
             placed, opt, metrics = compiled(placed, opt, batch)
             loss = float(metrics["loss"])

@@ -52,8 +52,18 @@ def token_losses(model, hidden, targets, chunk: int):
 def token_nll(model, tokens, chunk: int):
     """(sum of next-token negative log-likelihoods in float32, number of predicted tokens).
 
-    tokens: int [B, L + 1]; positions 0..L-1 for every row.
+    tokens: int [B, L + 1]; positions 0..L-1 for every row (under context parallelism with
+    the zigzag layout, `cca_jax.layer.sequence_layout`, laid out in zigzag order).
     """
+    from cca_jax.layer import zigzag_positions
+
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    nll, _ = token_losses(model, model.hidden_states(inputs), targets, chunk)
+    positions = None
+    order = zigzag_positions(inputs.shape[1])
+    if order is not None:
+        # Context parallelism, zigzag layout: tokens, targets and RoPE positions laid out
+        # alike; the summed loss does not depend on the order.
+        inputs, targets = jnp.take(inputs, order, axis=1), jnp.take(targets, order, axis=1)
+        positions = jnp.broadcast_to(jnp.asarray(order, jnp.int32), inputs.shape)
+    nll, _ = token_losses(model, model.hidden_states(inputs, positions), targets, chunk)
     return nll.sum(), nll.size

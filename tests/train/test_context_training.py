@@ -1,8 +1,8 @@
 """Context parallelism in training: with the sequence split over the mesh axis "context"
 (`--mesh ...xC` or `context=C`), a fine-tune step's loss and gradients equal the unsharded
-run's (float32, 1e-5), composed with data / FSDP / tensor axes, for CCA (GQA, w % g != 0, a
-halo longer than a shard), full attention and a hybrid. Runs in a subprocess with 8 CPU
-devices."""
+run's (float32, 1e-5), composed with data / FSDP / tensor axes, in the zigzag and the
+contiguous layout, for CCA (GQA, w % g != 0, a halo longer than a shard), full attention and
+a hybrid. Runs in a subprocess with 8 CPU devices."""
 from __future__ import annotations
 
 import subprocess
@@ -16,6 +16,7 @@ SCRIPT = textwrap.dedent('''
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
     from cca_jax import LlamaConfig, LlamaForCausalLM
+    from cca_jax.layer import sequence_layout
     from cca_jax.params import str_keys
     from train.loss import token_nll
     from train.mesh import make_mesh, parse_mesh
@@ -30,7 +31,11 @@ SCRIPT = textwrap.dedent('''
         params = str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         return nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))), params
 
-    def run(config, tokens, sizes):
+    def run(config, tokens, sizes, layout="zigzag"):
+        with sequence_layout(layout):
+            return run_in_layout(config, tokens, sizes)
+
+    def run_in_layout(config, tokens, sizes):
         """(loss, grads, step metrics) of one fine-tune step on this mesh (None: no mesh)."""
         abstract, params = setup(config)
         factory = ModelFactory(abstract)
@@ -55,11 +60,12 @@ SCRIPT = textwrap.dedent('''
 
     unsharded = {}
 
-    def check(name, config, tokens, sizes, collectives=True):
+    def check(name, config, tokens, sizes, collectives=True, layout="zigzag"):
+        name = f"{name} ({layout})"
         if config not in unsharded:
             unsharded[config] = run(config, tokens, None)
         want_loss, want_grads, want_metrics, _ = unsharded[config]
-        loss, grads, metrics, jaxpr = run(config, tokens, sizes)
+        loss, grads, metrics, jaxpr = run(config, tokens, sizes, layout)
         assert abs(loss - want_loss) <= 1e-5 * abs(want_loss), (name, loss, want_loss)
         for key in ("loss", "grad_norm"):
             assert abs(metrics[key] - want_metrics[key]) <= 1e-5 * abs(want_metrics[key]), (
@@ -83,25 +89,38 @@ SCRIPT = textwrap.dedent('''
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 129), 0, 64)   # 128 inputs
     cca = LlamaConfig(**base, attention="cca", group_size=4, window_size=6)
     check("context=8", cca, tokens, parse_mesh("context=8", 8))
+    check("context=8", cca, tokens, parse_mesh("context=8", 8), layout="contiguous")
     check("fsdp=2,context=4", cca, tokens, parse_mesh("fsdp=2,context=4", 8))
     check("2x1x1x4 (data x context)", cca, tokens, parse_mesh("2x1x1x4", 8))
     check("tensor=2,context=4", cca, tokens, parse_mesh("tensor=2,context=4", 8))
     # w + g - 2 = 42 raw keys back: the halo spans three shards of 16 tokens.
     check("halo of 3 shards", LlamaConfig(**base, attention="cca", group_size=4,
                                           window_size=40), tokens, (1, 1, 1, 8))
+    check("halo of 3 shards", LlamaConfig(**base, attention="cca", group_size=4,
+                                          window_size=40), tokens, (1, 1, 1, 8),
+          layout="contiguous")
     check("full attention", LlamaConfig(**base, attention="full"), tokens, (1, 1, 1, 8),
           collectives=False)
-    check("hybrid", LlamaConfig(**base, attention="cca", group_size=4, window_size=6,
-                                full_attention_layers=(1,)), tokens, (1, 1, 1, 8))
+    hybrid = LlamaConfig(**base, attention="cca", group_size=4, window_size=6,
+                         full_attention_layers=(1,))
+    check("hybrid", hybrid, tokens, (1, 1, 1, 8))
+    check("hybrid", hybrid, tokens, (1, 1, 1, 8), layout="contiguous")
 
     # A shard that is not whole groups: a clear error, not a silently unsplit sequence.
     try:
-        run(cca, tokens[:, :121], (1, 1, 1, 8))         # 120 inputs: shards of 15
+        run(cca, tokens[:, :121], (1, 1, 1, 8), "contiguous")   # 120 inputs: shards of 15
     except ValueError as error:
         assert "whole groups" in str(error) and "group_size 4" in str(error), error
         print("ok error:", error)
     else:
         raise AssertionError("a shard of 15 tokens with g = 4 was accepted")
+    try:
+        run(cca, tokens[:, :97], (1, 1, 1, 8))         # 96 inputs: pieces of 6
+    except ValueError as error:
+        assert "two pieces of whole groups" in str(error), error
+        print("ok error:", error)
+    else:
+        raise AssertionError("zigzag pieces of 6 tokens with g = 4 were accepted")
     try:
         run(cca, tokens[:, :101], (1, 1, 1, 8))         # 100 inputs: not 8 equal shards
     except ValueError as error:
