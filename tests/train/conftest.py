@@ -42,13 +42,13 @@ def run_finetune(args, devices: int = 8, timeout: float = 240) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
-# Several runs in one process: train.finetune's main() once per argument list, each run's
+# Several runs in one process: train.finetune's command line, main(), once per argument list, each run's
 # stdout and stderr captured at the file-descriptor level (C++ logging included, as a
 # subprocess's would be). Every `python -m train.finetune` launch spends ~6 s importing jax,
 # transformers and orbax and tracing the train step before its first update.
 SEQUENCE = textwrap.dedent("""
     import json, os, shutil, sys, tempfile, traceback
-    from train import finetune
+    from train.finetune import cli
 
     def run(args):
         files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
@@ -56,7 +56,7 @@ SEQUENCE = textwrap.dedent("""
         saved = [os.dup(1), os.dup(2)]
         os.dup2(files[0].fileno(), 1), os.dup2(files[1].fileno(), 2)
         try:
-            code = finetune.main(args)
+            code = cli.main(args)
         except SystemExit as exit:
             code = exit.code
         except BaseException:

@@ -11,6 +11,7 @@ import pytest
 from tests.train.conftest import read_jsonl, run_finetune
 from cca_jax.rope import parse_rope_scaling
 from train import finetune
+from train.finetune import cli
 
 
 def test_hugging_face_directory_as_model(tiny, tmp_path):
@@ -36,7 +37,7 @@ def test_hugging_face_directory_as_model(tiny, tmp_path):
 
 def _fails(capsys, argv, *needles):
     start = time.perf_counter()
-    assert finetune.main([str(a) for a in argv]) == 2
+    assert cli.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     for needle in needles:
         assert needle in err, err
@@ -114,9 +115,7 @@ def test_seq_len_shorter_than_window_plus_group(tiny, tmp_path, capsys):
                     "--seq-len", "64", "--window-size", "60", "--group-size", "8"],
            "--seq-len 64 is shorter than window_size + group_size", "68", "--attention full")
     # With full attention the window does not matter.
-    args = finetune.build_parser().parse_args(["--seq-len", "64", "--window-size", "60",
-                                               "--attention", "full"])
-    finetune.check_arguments(args)
+    finetune.FinetuneJob(seq_len=64, window_size=60, attention="full")
 
 
 def test_mesh_that_does_not_fit(tiny, tmp_path, capsys):
@@ -159,7 +158,7 @@ def test_non_finite_or_negative_numbers_are_refused_before_anything_loads(tmp_pa
 
 
 def test_help_lists_every_flag():
-    text = finetune.build_parser().format_help()
+    text = cli.build_parser().format_help()
     for flag in ("--model", "--data", "--out", "--steps", "--seq-len", "--batch-size",
                  "--attention", "--group-size", "--window-size", "--lr", "--warmup-steps",
                  "--save-every", "--eval-every", "--resume", "--rope-theta", "--rope-scaling",
@@ -183,6 +182,6 @@ def test_rope_scaling_flag_errors(tmp_path, capsys):
         parse_rope_scaling("linear:x", "--rope-scaling")
     # The CLI turns them into `error: ...` and exit code 2, before anything is loaded.
     for text, needle in (("wobble:2", "rope"), ("linear:x", "TYPE:FACTOR")):
-        assert finetune.main(["--rope-scaling", text, "--out", str(tmp_path / "o")]) == 2
+        assert cli.main(["--rope-scaling", text, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --rope-scaling") and needle in err, err

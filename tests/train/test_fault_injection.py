@@ -24,7 +24,7 @@ from typing import NamedTuple
 import pytest
 
 from tests.train.conftest import REPO, finetune_command, finetune_env, read_jsonl
-from train import finetune
+from train.finetune import cli
 
 STEPS = 6
 FAULT_ARGS = ("--eval-sequences", "0", "--no-export", "--save-every", "1")
@@ -40,7 +40,7 @@ def fine_tune(tiny, out: Path, *extra) -> Run:
     """`python -m train.finetune` in this process, output captured."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = finetune.main([str(a) for a in tiny.args(out, *FAULT_ARGS, *extra)])
+        rc = cli.main([str(a) for a in tiny.args(out, *FAULT_ARGS, *extra)])
     return Run(rc, stdout.getvalue(), stderr.getvalue())
 
 
@@ -339,8 +339,8 @@ def test_nan_patience_skips_that_many_steps_in_a_row(tiny, tmp_path):
 
 
 def test_nan_patience_is_documented_and_checked(capsys, tmp_path):
-    assert "--nan-patience" in finetune.build_parser().format_help()
-    assert finetune.main(["--nan-patience", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "--nan-patience" in cli.build_parser().format_help()
+    assert cli.main(["--nan-patience", "-1", "--out", str(tmp_path / "o")]) == 2
     assert "error: --nan-patience must be >= 0, got -1" in capsys.readouterr().err
 
 
