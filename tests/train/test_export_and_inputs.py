@@ -129,10 +129,15 @@ def test_mesh_that_does_not_fit(tiny, tmp_path, capsys):
                     "--mesh", "4"], "DxT or DxFxT")
 
 
-def test_batch_must_split_over_the_mesh(tiny, tmp_path):
-    result = run_finetune(tiny.args(tmp_path / "o", "--mesh", "8x1", "--batch-size", "4"))
-    assert result.returncode == 2
-    assert "must be a multiple of the batch axes of the mesh (8" in result.stderr
+def test_batch_must_split_over_the_mesh(tiny, tmp_path, capsys, monkeypatch):
+    """In this process, told that there are 8 devices: the check reads only the device count
+    and refuses before any device is used (test_finetune_cli.py makes the same check in its
+    process with 8 real devices, with a -1 in the mesh)."""
+    import jax
+
+    monkeypatch.setattr(jax, "device_count", lambda *backend: 8)
+    _fails(capsys, tiny.args(tmp_path / "o", "--mesh", "8x1", "--batch-size", "4"),
+           "must be a multiple of the batch axes of the mesh (8")
     assert not (tmp_path / "o").exists()
 
 
