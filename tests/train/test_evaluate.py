@@ -633,6 +633,24 @@ def test_cli_errors(model_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_evaluation_is_a_library_call(model_dir, tmp_path):
+    """train.evaluate.run(EvaluateJob(...)): the job checks and tidies its fields when it is
+    made, the run returns the results it wrote."""
+    with pytest.raises(E.UsageError, match="--lengths must all be >= 1, got 0"):
+        E.EvaluateJob(model=model_dir, lengths=[64, 0])
+    job = E.EvaluateJob(model=model_dir, lengths=[192, 128, 192], tasks=["passkey", "passkey"],
+                        depths=[50], examples=1, out=tmp_path / "e", no_progress=True)
+    assert (job.lengths, job.tasks, job.ppl_tail, job.copy_tail) == ((128, 192), ("passkey",),
+                                                                     32, 64)
+    result = E.run(job)
+    assert result.out == tmp_path / "e"
+    assert json.loads((result.out / E.RESULTS_FILE).read_text()) == result.results
+    assert result.results["lengths"] == [128, 192]
+    assert len(result.results["passkey"]["examples"]) == 2
+    assert result.results["command"].startswith("train.evaluate.run(EvaluateJob(model=")
+    assert [p.name for p in result.plots] == list(E.PLOT_FILES[:2])
+
+
 def test_help_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "train.evaluate", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)

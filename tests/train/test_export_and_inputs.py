@@ -35,6 +35,27 @@ def test_hugging_face_directory_as_model(tiny, tmp_path):
     assert exported["param_dtype"] == "bfloat16" and exported["attention"] == "full"
 
 
+def test_fine_tuning_is_a_library_call(tiny, tmp_path):
+    """train.finetune.run(FinetuneJob(...)): the job checks its fields when it is made
+    (UsageError naming the flag), and the run says what it did."""
+    with pytest.raises(finetune.UsageError, match="--steps must be >= 1, got 0"):
+        finetune.FinetuneJob(steps=0)
+    with pytest.raises(finetune.UsageError, match="--attention must be one of cca, full"):
+        finetune.FinetuneJob(attention="sliding")
+    job = finetune.FinetuneJob(model=tiny.model, data=tiny.train, eval_data=tiny.eval,
+                               out=tmp_path / "run", seq_len=32, group_size=4, window_size=8,
+                               batch_size=8, lr=3e-3, warmup_steps=2, seed=3, steps=2,
+                               no_export=True)
+    assert job.data == tuple(str(f) for f in tiny.train)
+    result = finetune.run(job)
+    assert (result.out, result.step, result.steps, result.interrupted) == (
+        tmp_path / "run", 2, 2, False)
+    evals = read_jsonl(result.out / "eval.jsonl")
+    assert [e["perplexity"] for e in evals] == [result.perplexity_before,
+                                                 result.perplexity_after]
+    assert result.perplexity_after < result.perplexity_before
+
+
 def _fails(capsys, argv, *needles):
     start = time.perf_counter()
     assert cli.main([str(a) for a in argv]) == 2
