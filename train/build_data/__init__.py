@@ -438,10 +438,10 @@ def is_built_dir(path: str | os.PathLike) -> bool:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BuildDataJob:
-    """One data set to build (see the module docstring). Each field is the command-line flag
-    of the same name (`seq_len` is --seq-len; `tokens` is --tokens as a number, `mix` --mix as
-    {kind: share}); the defaults are the command line's. Checked when made (`UsageError`
-    naming the flag)."""
+    """One data set to build (see the module docstring). Each field is the command-line flag of
+    the same name (`seq_len` is --seq-len; `tokens` is --tokens as a number, `mix` --mix as
+    {kind: share}); the command line takes its defaults from here. Checked when made
+    (`UsageError` naming the flag)."""
 
     tokenizer: str | os.PathLike
     out: str | os.PathLike

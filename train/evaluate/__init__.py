@@ -568,9 +568,9 @@ DECODE_IMPLEMENTATIONS = ("auto", "jnp", "pallas")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvaluateJob:
     """One evaluation. Each field is the command-line flag of the same name (`ppl_tail` is
-    --ppl-tail, `no_progress` is --no-progress); the defaults are the command line's. Checked
-    when made (`UsageError` naming the flag): lengths are sorted and made unique, tasks made
-    unique, and --ppl-tail / --copy-tail filled in from the smallest length when not given.
+    --ppl-tail, `no_progress` is --no-progress); the command line takes its defaults from here.
+    Checked when made (`UsageError` naming the flag): lengths are sorted and made unique, tasks
+    made unique, and --ppl-tail / --copy-tail filled in from the smallest length when not given.
     attention, group_size and window_size left None come from the model directory."""
 
     # model

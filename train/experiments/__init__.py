@@ -527,9 +527,9 @@ class UsageError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class ExperimentsJob:
     """One comparison. Each field is the command-line flag of the same name (`seq_len` is
-    --seq-len, `finetune_args` --finetune-args); the defaults are the command line's. Checked
-    when made (`UsageError` naming the flag): windows are made unique, lengths sorted and
-    unique."""
+    --seq-len, `finetune_args` --finetune-args); the command line takes its defaults from
+    here. Checked when made (`UsageError` naming the flag): windows are made unique, lengths
+    sorted and unique."""
 
     model: str | Path
     out: Path = Path("runs/quality")

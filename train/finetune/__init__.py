@@ -66,9 +66,9 @@ class WriteFailure(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneJob:
-    """One fine-tuning run. Each field is the command-line flag of the same name (`seq_len`
-    is --seq-len, `no_export` is --no-export); the defaults are the command line's. Checked
-    when made: `UsageError` naming the flag."""
+    """One fine-tuning run. Each field is the command-line flag of the same name (`seq_len` is
+    --seq-len, `no_export` is --no-export); the command line takes its defaults from here.
+    Checked when made: `UsageError` naming the flag."""
 
     # model
     model: str | os.PathLike | None = None       # None: SmolLM2-135M-Instruct
