@@ -25,6 +25,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "context")
 _COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS",)
 _PROCESS_COUNT_VARS = ("JAX_NUM_PROCESSES", "JAX_PROCESS_COUNT")
 _CLUSTER_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_distributed_started = False
 
 
 def _parse_sizes(spec: str) -> list[int]:
@@ -61,17 +62,28 @@ def _parse_sizes(spec: str) -> list[int]:
     return sizes + [1] * (4 - len(sizes))
 
 
-def parse_mesh(spec: str, device_count: int) -> tuple[int, int, int, int]:
-    """(data, fsdp, tensor, context) sizes for `spec` on `device_count` devices.
+def mesh_shape(spec: str) -> list[int]:
+    """The four sizes (data, fsdp, tensor, context) `spec` writes, one of them possibly -1 (no
+    devices needed to read it).
 
-    Raises ValueError naming the problem: malformed spec, zero or negative sizes other than
-    one `-1`, or a product that does not match the device count.
+    Raises ValueError naming the problem: malformed spec, or zero or negative sizes other than
+    one `-1`.
     """
     sizes = _parse_sizes(spec)
     if sizes.count(-1) > 1:
         raise ValueError(f"--mesh may infer at most one axis with -1, got {spec!r}")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"--mesh sizes must be positive (or one -1 to infer), got {spec!r}")
+    return sizes
+
+
+def parse_mesh(spec: str, device_count: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, tensor, context) sizes for `spec` on `device_count` devices.
+
+    Raises ValueError naming the problem: malformed spec, zero or negative sizes other than
+    one `-1`, or a product that does not match the device count.
+    """
+    sizes = mesh_shape(spec)
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if device_count % known:
@@ -131,10 +143,14 @@ def maybe_initialize_distributed() -> bool:
 
     Triggers: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` or `JAX_PROCESS_COUNT`, and
     `JAX_PROCESS_ID`, passed on when set), or a SLURM / Open MPI job with more than one task
-    (jax detects coordinator, process count and id itself).
+    (jax detects coordinator, process count and id itself). Once per process: a later call
+    (another job in the same process) finds it done and returns False.
     """
     import jax
 
+    global _distributed_started
+    if _distributed_started:
+        return False
     coordinator = next((os.environ[v] for v in _COORDINATOR_VARS if os.environ.get(v)), None)
     count = next((int(os.environ[v]) for v in _PROCESS_COUNT_VARS if os.environ.get(v)), None)
     cluster = any(int(os.environ.get(v, "1") or 1) > 1 for v in _CLUSTER_VARS)
@@ -148,4 +164,5 @@ def maybe_initialize_distributed() -> bool:
         if os.environ.get("JAX_PROCESS_ID"):
             kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
     jax.distributed.initialize(**kwargs)
+    _distributed_started = True
     return True

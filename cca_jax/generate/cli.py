@@ -1,15 +1,20 @@
-"""`python -m cca_jax.generate`: generate text from a model directory with a KV cache.
+"""Generate text with a KV cache: the compressed CCA cache (core tokens + raw window,
+docs/cca.md §5) or a full cache. The continuation is streamed to stdout; progress and the
+closing statistics (prefill seconds, decode tokens/s, cache bytes next to a full cache) go to
+stderr.
+
+`python -m cca_jax.generate`, the command line of `cca_jax.generate` (the paragraph above is
+its --help description):
 
     python -m cca_jax.generate --model PATH (--prompt TEXT | --prompt-file FILE)
         --max-new-tokens N [--attention cca|full] [--group-size G --window-size W]
-        [--full-attention-layers 3,11] [--temperature T --top-p P --seed S]
+        [--full-attention-layers 3,11]
+        [--temperature T --top-p P --seed S]
 
-The continuation goes to stdout as it is produced; progress and the closing statistics
-(prefill seconds, decode tokens/s, cache bytes next to a full cache) to stderr. Every check of
-user input runs before the model is loaded and before anything is printed to stdout (bad
-input: `error: ...` on stderr, exit code 2). The work is `cca_jax.generate.CachedGeneration`
-on the model that `cca_jax.from_pretrained` loads with the `CCAConfig` built from
---group-size / --window-size.
+Every check of user input runs before the model is loaded and before anything is printed to
+stdout (bad input: `error: ...` on stderr, exit code 2). The work is
+`cca_jax.generate.CachedGeneration` on the model that `cca_jax.from_pretrained` loads with the
+`CCAConfig` built from --group-size / --window-size.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cca_jax import command_line
 from cca_jax.config import (DEFAULT_CCA, CCAConfig, check_layer_indices, describe_layers,
                             layer_indices_argument)
 from cca_jax.generate import CachedGeneration, GenerationStats, Sampling, _check_max_new_tokens
@@ -71,12 +77,7 @@ def _eos_ids(tokenizer, config) -> set[int]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cca_jax.generate",
-        description="Generate text with a KV cache: the compressed CCA cache (core tokens + "
-                    "raw window, docs/cca.md §5) or a full cache. The continuation is streamed "
-                    "to stdout; progress and the closing statistics (prefill seconds, decode "
-                    "tokens/s, cache bytes next to a full cache) go to stderr.")
+    parser = command_line.parser("cca_jax.generate", __doc__)
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="a directory from `python -m cca_jax.convert`, or a Hugging Face "
                              "LLaMA/Qwen2 directory")
@@ -249,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                                    seed=args.seed, max_length=args.max_length,
                                    eos_token_ids=sorted(eos))
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, OSError) as error:
-        print(f"error: {error}", file=err)
-        return 2
+        return command_line.usage_error(error)
 
     stats = session.stats
     if args.max_new_tokens:

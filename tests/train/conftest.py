@@ -1,6 +1,7 @@
-"""Fixtures for the fine-tuning tests: a tiny random model, a small corpus, and a runner for
-`python -m train.finetune` in a subprocess with 8 CPU devices (XLA_FLAGS must be set before
-jax starts, so multi-device runs never share this pytest process)."""
+"""Fixtures for the fine-tuning tests: a tiny random model, a small corpus, and runners for
+`python -m train.finetune` in a subprocess with 8 CPU devices, and for several runs of it in
+one such subprocess (XLA_FLAGS must be set before jax starts, so multi-device runs never share
+this pytest process)."""
 from __future__ import annotations
 
 import json
@@ -42,13 +43,13 @@ def run_finetune(args, devices: int = 8, timeout: float = 240) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
-# Several runs in one process: train.finetune's main() once per argument list, each run's
+# Several runs in one process: train.finetune's command line, main(), once per argument list, each run's
 # stdout and stderr captured at the file-descriptor level (C++ logging included, as a
 # subprocess's would be). Every `python -m train.finetune` launch spends ~6 s importing jax,
 # transformers and orbax and tracing the train step before its first update.
 SEQUENCE = textwrap.dedent("""
     import json, os, shutil, sys, tempfile, traceback
-    from train import finetune
+    from train.finetune import cli
 
     def run(args):
         files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
@@ -56,7 +57,7 @@ SEQUENCE = textwrap.dedent("""
         saved = [os.dup(1), os.dup(2)]
         os.dup2(files[0].fileno(), 1), os.dup2(files[1].fileno(), 2)
         try:
-            code = finetune.main(args)
+            code = cli.main(args)
         except SystemExit as exit:
             code = exit.code
         except BaseException:
@@ -75,6 +76,8 @@ SEQUENCE = textwrap.dedent("""
             shutil.rmtree(arg)
         elif kind == "copy":
             shutil.copy(*arg)
+        elif kind == "copytree":
+            shutil.copytree(*arg)
         else:
             results.append(run(arg))
     json.dump(results, open(sys.argv[2], "w"))
@@ -84,9 +87,9 @@ SEQUENCE = textwrap.dedent("""
 def run_finetune_sequence(steps, workdir: Path, devices: int = 8,
                           timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """The runs of `steps` one after the other in one child process with `devices` CPU
-    devices. A step is ("run", argument list), ("remove", directory) or ("copy", (file,
-    destination)), the last two done between the runs. One result per run, as `run_finetune`
-    would have returned it."""
+    devices. A step is ("run", argument list), ("remove", directory), ("copy", (file,
+    destination)) or ("copytree", (directory, destination)), the last three done between the
+    runs. One result per run, as `run_finetune` would have returned it."""
     workdir.mkdir(parents=True, exist_ok=True)
     plan, report = workdir / "sequence.json", workdir / "results.json"
     plan.write_text(json.dumps([(kind, str(arg) if kind == "remove" else [str(a) for a in arg])
@@ -119,13 +122,3 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
     return Tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def run_8x1(tiny, tmp_path_factory):
-    """The uninterrupted reference: 6 steps on an 8x1 mesh."""
-    out = tmp_path_factory.mktemp("run") / "8x1"
-    result = run_finetune(tiny.args(out, "--mesh", "8x1", "--steps", "6", "--save-every", "2",
-                                    "--eval-every", "3"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out, result

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from train import build_data, sources, synthetic
+from train.build_data import cli as build_data_cli
 from train.corpora import HELD_OUT_PLAYS, KJV_FILLER_BOOK, KJV_HELDOUT_BOOKS
 
 pytest.importorskip("torch", reason="SmolLM2's tokenizer comes from the [torch] extra's "
@@ -140,7 +141,7 @@ def test_answers_spread_over_the_context(tokenizer):
     (["--workers", "0"], "--workers must be >= 1"),
 ])
 def test_bad_arguments(smollm2_hf_dir, tmp_path, capsys, argv, message):
-    code = build_data.main(["--tokenizer", str(smollm2_hf_dir), "--out", str(tmp_path / "o"),
+    code = build_data_cli.main(["--tokenizer", str(smollm2_hf_dir), "--out", str(tmp_path / "o"),
                             *argv])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

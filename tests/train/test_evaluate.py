@@ -19,6 +19,7 @@ from flax import nnx
 
 from train import eval_tasks as T
 from train import evaluate as E
+from train.evaluate import cli as evaluate_cli
 from train import statistics as S
 
 REPO = Path(__file__).resolve().parents[2]
@@ -541,7 +542,7 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
             "--examples", "2", "--ppl-windows", "1", "--ppl-tail", "32",
             "--mdqa-doc-tokens", "64", "--batch-size", "2", "--seed", "3", "--copy-docs", "2",
             "--copy-windows", "2", "--copy-far", "40"]
-    assert E.main(argv + ["--out", str(out)]) == 0
+    assert evaluate_cli.main(argv + ["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ppl last 32" in printed and "passkey ranked first % [95% CI]" in printed
     assert "mdqa exact %" in printed and "copy top-1 %" in printed
@@ -575,7 +576,7 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
     for name in E.PLOT_FILES:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # Deterministic by --seed: the same prompts and predictions again.
-    assert E.main(argv + ["--tasks", "passkey", "--out", str(tmp_path / "again"),
+    assert evaluate_cli.main(argv + ["--tasks", "passkey", "--out", str(tmp_path / "again"),
                           "--no-progress"]) == 0
     again = json.loads((tmp_path / "again" / E.RESULTS_FILE).read_text())
     assert again["passkey"]["examples"] == results["passkey"]["examples"]
@@ -593,15 +594,15 @@ def test_cli_reads_attention_from_the_model_directory(model_dir, tmp_path, capsy
                              model.config, tokenizer_src=model_dir)
     common = ["--lengths", "128", "--tasks", "passkey", "--examples", "1", "--depths", "50",
               "--no-progress"]
-    assert E.main(["--model", str(cca_dir), *common, "--out", str(tmp_path / "a")]) == 0
+    assert evaluate_cli.main(["--model", str(cca_dir), *common, "--out", str(tmp_path / "a")]) == 0
     a = json.loads((tmp_path / "a" / E.RESULTS_FILE).read_text())
     assert (a["attention"], a["group_size"], a["window_size"]) == ("cca", 4, 24)
     assert a["attention_from"] == "attention, group size, window size from the model directory"
-    assert E.main(["--model", str(cca_dir), *common, "--window-size", "8",
+    assert evaluate_cli.main(["--model", str(cca_dir), *common, "--window-size", "8",
                    "--out", str(tmp_path / "b")]) == 0
     b = json.loads((tmp_path / "b" / E.RESULTS_FILE).read_text())
     assert (b["attention"], b["group_size"], b["window_size"]) == ("cca", 4, 8)
-    assert E.main(["--model", str(cca_dir), *common, "--attention", "full",
+    assert evaluate_cli.main(["--model", str(cca_dir), *common, "--attention", "full",
                    "--out", str(tmp_path / "c")]) == 0
     c = json.loads((tmp_path / "c" / E.RESULTS_FILE).read_text())
     assert c["attention"] == "full" and c["window_size"] is None
@@ -623,13 +624,31 @@ def test_cli_errors(model_dir, tmp_path, capsys):
         (["--model", str(model_dir), "--lengths", "64", "--group-size", "0"], "--group-size"),
     ]
     for argv, message in cases:
-        assert E.main(argv + ["--out", str(tmp_path / "x")]) == 2, argv
+        assert evaluate_cli.main(argv + ["--out", str(tmp_path / "x")]) == 2, argv
         assert message in capsys.readouterr().err, argv
     with pytest.raises(SystemExit) as exit_info:
-        E.main(["--model", str(model_dir), "--lengths", "64", "--tasks", "summaries"])
+        evaluate_cli.main(["--model", str(model_dir), "--lengths", "64", "--tasks", "summaries"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'summaries'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_evaluation_is_a_library_call(model_dir, tmp_path):
+    """train.evaluate.run(EvaluateJob(...)): the job checks and tidies its fields when it is
+    made, the run returns the results it wrote."""
+    with pytest.raises(E.UsageError, match="--lengths must all be >= 1, got 0"):
+        E.EvaluateJob(model=model_dir, lengths=[64, 0])
+    job = E.EvaluateJob(model=model_dir, lengths=[192, 128, 192], tasks=["passkey", "passkey"],
+                        depths=[50], examples=1, out=tmp_path / "e", no_progress=True)
+    assert (job.lengths, job.tasks, job.ppl_tail, job.copy_tail) == ((128, 192), ("passkey",),
+                                                                     32, 64)
+    result = E.run(job)
+    assert result.out == tmp_path / "e"
+    assert json.loads((result.out / E.RESULTS_FILE).read_text()) == result.results
+    assert result.results["lengths"] == [128, 192]
+    assert len(result.results["passkey"]["examples"]) == 2
+    assert result.results["command"].startswith("train.evaluate.run(EvaluateJob(model=")
+    assert [p.name for p in result.plots] == list(E.PLOT_FILES[:2])
 
 
 def test_help_runs_as_a_module():

@@ -15,6 +15,7 @@ import pytest
 from tests.train.conftest import finetune_env
 from tests.train.tiny import make_corpus
 from train import experiments as X
+from train.experiments import cli as experiments_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +56,7 @@ def test_plan_lists_every_step_and_marks_finished_ones(tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["--model", "m", "--out", str(out), "--windows", "256", "1024", "--steps", "7",
             "--seq-len", "64", "--lengths", "256", "128", "--dry-run"]
-    assert X.main(argv) == 0
+    assert experiments_cli.main(argv) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if "python -m" in l]
     assert len(lines) == 3 + 6
     # The control first, each fine-tune followed by its evaluation, the untouched model last.
@@ -74,15 +75,15 @@ def test_plan_lists_every_step_and_marks_finished_ones(tmp_path, capsys):
     # Finished steps are marked and would be skipped.
     (out / "finetune-full" / "export").mkdir(parents=True)
     write_results(out, "full", fake_results("full", [128], [1.0], [0.0], [0.0]))
-    assert X.main(argv) == 0
+    assert experiments_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "9 steps, 2 already done" in printed
     assert sum(l.startswith("# done: ") for l in printed.splitlines()) == 2
-    assert X.main(argv + ["--skip-untrained"]) == 0
+    assert experiments_cli.main(argv + ["--skip-untrained"]) == 0
     assert "6 steps, 1 already done" in capsys.readouterr().out
     # A fine-tune whose evaluation exists is not needed again, even with its export gone.
     write_results(out, "cca-w256-ft", fake_results("c", [128], [1.0], [0.0], [0.0]))
-    assert X.main(argv) == 0
+    assert experiments_cli.main(argv) == 0
     done = [l for l in capsys.readouterr().out.splitlines() if l.startswith("# done: ")]
     assert len(done) == 4
     assert "--out " + str(out / "finetune-cca-w256") in done[1]
@@ -156,7 +157,7 @@ def test_table_only_writes_the_comparison(tmp_path, capsys):
                                                [80, 70]))
     write_results(out, "cca-w256-ft", fake_results("CCA w=256, fine-tuned", lengths, [9, 8.1],
                                                    [100, 60], [80, 71]))
-    assert X.main(["--model", "m", "--out", str(out), "--windows", "256", "--table-only"]) == 0
+    assert experiments_cli.main(["--model", "m", "--out", str(out), "--windows", "256", "--table-only"]) == 0
     printed = capsys.readouterr().out
     assert "-35.0 at 1024 (missed)" in printed and "+1.2% (met)" in printed
     assert "| CCA w=256, fine-tuned | passkey points | +0.0 [+0.0, +0.0] | -35.0 [" in printed
@@ -180,12 +181,12 @@ def test_table_only_writes_the_comparison(tmp_path, capsys):
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     base = ["--model", str(tmp_path), "--out", str(tmp_path / "q")]
-    assert X.main(base + argv) == 2
+    assert experiments_cli.main(base + argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
 
 
-def test_tiny_comparison_end_to_end(tmp_path):
+def test_tiny_comparison_end_to_end(tmp_path, capsys):
     from flax import nnx
 
     from cca_jax.converted import save_converted
@@ -225,22 +226,22 @@ def test_tiny_comparison_end_to_end(tmp_path):
     assert "| CCA w=16, fine-tuned | 128 | " in table        # the by-depth rows
     assert re.search(r"\| full, fine-tuned \| 3 \| [\d,]+ \| [\d.]+ \| [\d.]+ \| "
                      r"[\d.]+ \(step 0\) -> [\d.]+ \(step 3\) \|", table)
-    # Everything is done: a rerun runs nothing and rebuilds the same table.
-    again = subprocess.run(cmd, cwd=REPO, env=finetune_env(1), capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "4 steps, 4 already done" in again.stdout
+    # Everything is done: a rerun runs nothing and rebuilds the same table (in this process:
+    # a new one would only add its start-up).
+    capsys.readouterr()
+    assert experiments_cli.main(cmd[3:]) == 0, capsys.readouterr().err[-3000:]
+    assert "4 steps, 4 already done" in capsys.readouterr().out
     assert (out / X.COMMANDS_FILE).read_text() == commands
 
 
 def test_a_stopped_finetune_resumes_from_its_checkpoint(tmp_path):
-    args = X.build_parser().parse_args(["--model", "m", "--out", str(tmp_path)])
+    job = X.ExperimentsJob(model="m", out=tmp_path)
     folder = X.finetune_dir(tmp_path, "cca", 1024)
-    assert X.finetune_command(args, "cca", 1024)[-1] == "--overwrite"
+    assert X.finetune_command(job, "cca", 1024)[-1] == "--overwrite"
     (folder / "checkpoints" / "tmp-partial").mkdir(parents=True)   # not a finished step
-    assert X.finetune_command(args, "cca", 1024)[-1] == "--overwrite"
+    assert X.finetune_command(job, "cca", 1024)[-1] == "--overwrite"
     (folder / "checkpoints" / "40").mkdir()
-    assert X.finetune_command(args, "cca", 1024)[-1] == "--resume"
+    assert X.finetune_command(job, "cca", 1024)[-1] == "--resume"
 
 
 CHILD = """

@@ -11,6 +11,7 @@ import pytest
 from tests.train.conftest import read_jsonl, run_finetune
 from cca_jax.rope import parse_rope_scaling
 from train import finetune
+from train.finetune import cli
 
 
 def test_hugging_face_directory_as_model(tiny, tmp_path):
@@ -34,9 +35,30 @@ def test_hugging_face_directory_as_model(tiny, tmp_path):
     assert exported["param_dtype"] == "bfloat16" and exported["attention"] == "full"
 
 
+def test_fine_tuning_is_a_library_call(tiny, tmp_path):
+    """train.finetune.run(FinetuneJob(...)): the job checks its fields when it is made
+    (UsageError naming the flag), and the run says what it did."""
+    with pytest.raises(finetune.UsageError, match="--steps must be >= 1, got 0"):
+        finetune.FinetuneJob(steps=0)
+    with pytest.raises(finetune.UsageError, match="--attention must be one of cca, full"):
+        finetune.FinetuneJob(attention="sliding")
+    job = finetune.FinetuneJob(model=tiny.model, data=tiny.train, eval_data=tiny.eval,
+                               out=tmp_path / "run", seq_len=32, group_size=4, window_size=8,
+                               batch_size=8, lr=3e-3, warmup_steps=2, seed=3, steps=2,
+                               no_export=True)
+    assert job.data == tuple(str(f) for f in tiny.train)
+    result = finetune.run(job)
+    assert (result.out, result.step, result.steps, result.interrupted) == (
+        tmp_path / "run", 2, 2, False)
+    evals = read_jsonl(result.out / "eval.jsonl")
+    assert [e["perplexity"] for e in evals] == [result.perplexity_before,
+                                                 result.perplexity_after]
+    assert result.perplexity_after < result.perplexity_before
+
+
 def _fails(capsys, argv, *needles):
     start = time.perf_counter()
-    assert finetune.main([str(a) for a in argv]) == 2
+    assert cli.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     for needle in needles:
         assert needle in err, err
@@ -114,9 +136,7 @@ def test_seq_len_shorter_than_window_plus_group(tiny, tmp_path, capsys):
                     "--seq-len", "64", "--window-size", "60", "--group-size", "8"],
            "--seq-len 64 is shorter than window_size + group_size", "68", "--attention full")
     # With full attention the window does not matter.
-    args = finetune.build_parser().parse_args(["--seq-len", "64", "--window-size", "60",
-                                               "--attention", "full"])
-    finetune.check_arguments(args)
+    finetune.FinetuneJob(seq_len=64, window_size=60, attention="full")
 
 
 def test_mesh_that_does_not_fit(tiny, tmp_path, capsys):
@@ -130,10 +150,15 @@ def test_mesh_that_does_not_fit(tiny, tmp_path, capsys):
                     "--mesh", "4"], "DxT or DxFxT")
 
 
-def test_batch_must_split_over_the_mesh(tiny, tmp_path):
-    result = run_finetune(tiny.args(tmp_path / "o", "--mesh", "8x1", "--batch-size", "4"))
-    assert result.returncode == 2
-    assert "must be a multiple of the batch axes of the mesh (8" in result.stderr
+def test_batch_must_split_over_the_mesh(tiny, tmp_path, capsys, monkeypatch):
+    """In this process, told that there are 8 devices: the check reads only the device count
+    and refuses before any device is used (test_finetune_cli.py makes the same check in its
+    process with 8 real devices, with a -1 in the mesh)."""
+    import jax
+
+    monkeypatch.setattr(jax, "device_count", lambda *backend: 8)
+    _fails(capsys, tiny.args(tmp_path / "o", "--mesh", "8x1", "--batch-size", "4"),
+           "must be a multiple of the batch axes of the mesh (8")
     assert not (tmp_path / "o").exists()
 
 
@@ -159,7 +184,7 @@ def test_non_finite_or_negative_numbers_are_refused_before_anything_loads(tmp_pa
 
 
 def test_help_lists_every_flag():
-    text = finetune.build_parser().format_help()
+    text = cli.build_parser().format_help()
     for flag in ("--model", "--data", "--out", "--steps", "--seq-len", "--batch-size",
                  "--attention", "--group-size", "--window-size", "--lr", "--warmup-steps",
                  "--save-every", "--eval-every", "--resume", "--rope-theta", "--rope-scaling",
@@ -183,6 +208,6 @@ def test_rope_scaling_flag_errors(tmp_path, capsys):
         parse_rope_scaling("linear:x", "--rope-scaling")
     # The CLI turns them into `error: ...` and exit code 2, before anything is loaded.
     for text, needle in (("wobble:2", "rope"), ("linear:x", "TYPE:FACTOR")):
-        assert finetune.main(["--rope-scaling", text, "--out", str(tmp_path / "o")]) == 2
+        assert cli.main(["--rope-scaling", text, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --rope-scaling") and needle in err, err

@@ -1,12 +1,12 @@
 """`python -m train.finetune` end to end on 8 CPU devices with a tiny random model.
 
-The reference run (conftest.py's run_8x1) and the Ctrl-C run are `python -m train.finetune`
-processes of their own; the other 8-device runs of this file share one process (the `runs`
-fixture: main() once per run, which saves a launch's ~6 s of imports and set-up each)."""
+The Ctrl-C run is a `python -m train.finetune` process of its own (it gets the signal); the
+other 8-device runs of this file, the reference run first, share one process (the `runs`
+fixture: the command line's main() once per run, which saves a launch's ~6 s of imports and
+set-up each). The 1x3 run needs a process with 3 devices."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -21,15 +21,14 @@ INTERRUPTED = ["--mesh", "8x1", "--steps", "6", "--save-every", "2"]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, run_8x1, tmp_path_factory) -> dict:
+def runs(tiny, tmp_path_factory) -> dict:
     """The 8-device runs of the tests below, in one process, in this order: name -> (run
-    directory, result). Directories that a test's runs start from are prepared here."""
+    directory, result). First the uninterrupted reference ("8x1"), then the runs that start
+    from copies of it, made in between."""
     root = tmp_path_factory.mktemp("runs")
+    reference = root / "8x1"
     remesh = root / "remesh"            # the 8x1 run without its last checkpoint
-    shutil.copytree(run_8x1[0], remesh)
-    shutil.rmtree(remesh / "checkpoints" / "6")
     copy = root / "copy"                # the 8x1 run as it is
-    shutil.copytree(run_8x1[0], copy)
     resumed = root / "resumed"
     named = []
 
@@ -38,11 +37,17 @@ def runs(tiny, run_8x1, tmp_path_factory) -> dict:
         return "run", tiny.args(out, *extra)
 
     sequence = [
+        run("8x1", reference, "--mesh", "8x1", "--steps", "6", "--save-every", "2",
+            "--eval-every", "3"),
+        ("copytree", (reference, remesh)),
+        ("remove", remesh / "checkpoints" / "6"),
+        ("copytree", (reference, copy)),
         run("4x2", root / "4x2", "--mesh", "4x2", "--steps", "1", "--eval-sequences", "0",
             "--no-export"),
         run("remesh", remesh, "--mesh", "4x2", "--steps", "6", "--save-every", "2", "--resume",
             "--no-export"),
         run("again", copy, "--mesh", "8x1", "--steps", "8"),
+        run("batch split", root / "split", "--mesh=-1x1", "--batch-size", "4"),
         run("other lr", copy, "--mesh", "8x1", "--steps", "8", "--resume", "--lr", "1e-3"),
         # test_interrupted_run_resumes_with_identical_losses: 1. stop after 3 updates
         # (checkpoints at 2 and 3); 2. continue for 2 more (checkpoints at 4 and 5), then lose
@@ -57,6 +62,14 @@ def runs(tiny, run_8x1, tmp_path_factory) -> dict:
     ]
     results = run_finetune_sequence(sequence, root / "sequence")
     return {name: (out, result) for (name, out), result in zip(named, results)}
+
+
+@pytest.fixture(scope="module")
+def run_8x1(runs):
+    """The uninterrupted reference: 6 steps on an 8x1 mesh."""
+    out, result = runs["8x1"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
 
 
 def test_8x1_loss_goes_down_and_everything_is_sharded_8_ways(run_8x1):
@@ -95,9 +108,8 @@ def test_8x1_loss_goes_down_and_everything_is_sharded_8_ways(run_8x1):
             assert "count" in r["path"], r
 
 
-# The 8x1 reference run is a session fixture, but pytest-xdist workers do not share those:
-# each worker that runs a test using it makes the run again. So every test that uses it is in
-# this file, which --dist loadfile gives to one worker.
+# Every test that uses the 8x1 reference run is in this file (a fixture of a file that
+# --dist loadfile gives to one worker, so the run is made once).
 def test_export_is_the_trained_model_and_converts_to_hugging_face(tiny, run_8x1, tmp_path):
     import jax.numpy as jnp
 
@@ -205,6 +217,17 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_old_directory(
     other = runs["other lr"][1]
     assert other.returncode == 2, other.stdout + other.stderr
     assert "--lr 0.003 -> 0.001" in other.stderr
+
+
+def test_an_inferred_mesh_that_does_not_split_the_batch_is_refused(runs):
+    """-1x1 on 8 devices is 8x1: a micro-batch of 4 does not split 8 ways (checked once the
+    device count is known; a mesh given whole is checked with the job, see
+    test_export_and_inputs.py)."""
+    out, result = runs["batch split"]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "must be a multiple of the batch axes of the mesh (8 = data x fsdp of --mesh " \
+           "-1x1)" in result.stderr
+    assert not out.exists()
 
 
 def test_ctrl_c_saves_a_checkpoint_at_the_last_finished_step(tiny, tmp_path):

@@ -1,4 +1,5 @@
-"""`python -m train.build_data`: offline long-context training data, mixed by token share.
+"""Offline long-context training data, mixed by token share: `run(BuildDataJob(...))` (or
+`build`), and on the command line `python -m train.build_data` (`train/build_data/cli.py`).
 
 Builds `--tokens` tokens of training sequences of `--seq-len + 1` tokens each (the inputs and
 the shifted targets of one `--seq-len` training sequence), from three kinds of source:
@@ -29,7 +30,7 @@ same installation builds the same bytes. Output (written atomically) in `--out`:
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -47,6 +48,7 @@ from train import synthetic
 
 KINDS = ("code", "prose", "retrieval")
 DEFAULT_MIX = {"code": 0.6, "prose": 0.1, "retrieval": 0.3}
+DEFAULT_TOKENS = "82M"
 MANIFEST, TRAIN_FILE, HELDOUT_FILE = "manifest.json", "train.npy", "heldout.npy"
 FORMAT = "cca-jax-token-sequences-1"
 MAX_LINE_CHARS = 160      # longer lines (data tables, minified code) make poor filler
@@ -82,12 +84,22 @@ def parse_mix(text: str) -> dict[str, float]:
             mix[kind] = float(share)
         except ValueError:
             raise UsageError(f"--mix: {part!r} is not KIND=SHARE") from None
-        if not (math.isfinite(mix[kind]) and mix[kind] >= 0):
+    return check_mix(mix)
+
+
+def check_mix(mix: dict[str, float]) -> dict[str, float]:
+    """The share of every kind (0 for those not named); UsageError unless the kinds are known,
+    the shares finite and >= 0, and their sum 1."""
+    for kind, share in mix.items():
+        if kind not in KINDS:
+            raise UsageError(f"--mix: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+        if not (math.isfinite(share) and share >= 0):
             raise UsageError(f"--mix: the share of {kind} must be >= 0, got {share!r}")
     total = sum(mix.values())
     if total <= 0 or abs(total - 1) > 1e-6:
-        raise UsageError(f"--mix: the shares must sum to 1, got {total:g} ({text})")
-    return {kind: mix.get(kind, 0.0) for kind in KINDS}
+        written = ",".join(f"{kind}={share:g}" for kind, share in mix.items())
+        raise UsageError(f"--mix: the shares must sum to 1, got {total:g} ({written})")
+    return {kind: float(mix.get(kind, 0.0)) for kind in KINDS}
 
 
 def sequence_counts(total: int, mix: dict[str, float]) -> dict[str, int]:
@@ -421,72 +433,49 @@ def is_built_dir(path: str | os.PathLike) -> bool:
     return (path / MANIFEST).is_file() and (path / TRAIN_FILE).is_file()
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- the job
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train.build_data",
-        description="Build offline long-context training data (code of this Python "
-                    "installation, prose, synthetic retrieval documents), mixed by token "
-                    "share and packed into training sequences, with a manifest of every "
-                    "source and its split. `python -m train.finetune --data OUT` reads it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tokenizer", required=True, metavar="DIR",
-                   help="model or tokenizer directory whose tokenizer the fine-tune uses")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--tokens", default="82M",
-                   help="training tokens to build (e.g. 82M, 500K); rounded up to whole "
-                        "sequences")
-    p.add_argument("--seq-len", type=int, default=8192,
-                   help="training sequence length (each stored row has one more token)")
-    p.add_argument("--mix", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_MIX.items()),
-                   help="token share of each kind: code, prose, retrieval")
-    p.add_argument("--seed", type=int, default=0, help="seed of every choice")
-    p.add_argument("--heldout-sequences", type=int, default=16,
-                   help="held-out sequences (half code, half prose) for the fine-tune's "
-                        "held-out perplexity")
-    p.add_argument("--prose-files", nargs="*", default=[], metavar="FILE",
-                   help="more prose (UTF-8 text files, one document each) for training")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="processes that build the synthetic documents (the result does not "
-                        "depend on it)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines")
-    return p
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BuildDataJob:
+    """One data set to build (see the module docstring). Each field is the command-line flag of
+    the same name (`seq_len` is --seq-len; `tokens` is --tokens as a number, `mix` --mix as
+    {kind: share}); the command line takes its defaults from here. Checked when made
+    (`UsageError` naming the flag)."""
+
+    tokenizer: str | os.PathLike
+    out: str | os.PathLike
+    tokens: int = dataclasses.field(default_factory=lambda: parse_count(DEFAULT_TOKENS))
+    seq_len: int = 8192
+    mix: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MIX))
+    seed: int = 0
+    heldout_sequences: int = 16
+    prose_files: tuple[str, ...] = ()
+    workers: int = max(1, (os.cpu_count() or 2) - 1)
+    overwrite: bool = False
+    no_progress: bool = False
+    command: str = ""       # the command line, recorded in the manifest
+
+    def __post_init__(self):
+        object.__setattr__(self, "mix", check_mix(dict(self.mix)))
+        object.__setattr__(self, "prose_files", tuple(str(f) for f in self.prose_files))
+        if not self.tokens >= 1:
+            raise UsageError(f"--tokens must be >= 1, got {self.tokens!r}")
+        if self.seq_len < 2:
+            raise UsageError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {self.workers}")
+        if self.heldout_sequences < 0:
+            raise UsageError(f"--heldout-sequences must be >= 0, got {self.heldout_sequences}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        tokens = parse_count(args.tokens)
-        mix = parse_mix(args.mix)
-        if args.seq_len < 2:
-            raise UsageError(f"--seq-len must be >= 2, got {args.seq_len}")
-        if args.workers < 1:
-            raise UsageError(f"--workers must be >= 1, got {args.workers}")
-        if args.heldout_sequences < 0:
-            raise UsageError(f"--heldout-sequences must be >= 0, got {args.heldout_sequences}")
-        if not Path(args.tokenizer).expanduser().is_dir():
-            raise UsageError(f"--tokenizer: {args.tokenizer!r} is not a directory")
-        manifest = build(args.tokenizer, args.out, tokens=tokens, seq_len=args.seq_len,
-                         mix=mix, seed=args.seed, heldout_sequences=args.heldout_sequences,
-                         prose_files=args.prose_files, workers=args.workers,
-                         overwrite=args.overwrite,
-                         progress=not args.no_progress,
-                         command="python -m train.build_data " + " ".join(
-                             sys.argv[1:] if argv is None else argv))
-    except (UsageError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    built = manifest["mix_built"]
-    print(f"{manifest['train_sequences']} training sequences of {manifest['seq_len']} tokens "
-          f"({sum(manifest['tokens'].values()):,} tokens): "
-          + ", ".join(f"{k} {100 * built[k]:.1f}%" for k in KINDS)
-          + f"; {manifest['heldout_sequences']} held-out sequences; "
-          f"{manifest['seconds']} s -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run(job: BuildDataJob) -> dict:
+    """Build the job's data set; return its manifest. UsageError (before any work) if the
+    tokenizer directory is not one or --out exists without --overwrite."""
+    if not Path(job.tokenizer).expanduser().is_dir():
+        raise UsageError(f"--tokenizer: {str(job.tokenizer)!r} is not a directory")
+    return build(job.tokenizer, job.out, tokens=int(job.tokens), seq_len=job.seq_len,
+                 mix=job.mix, seed=job.seed, heldout_sequences=job.heldout_sequences,
+                 prose_files=job.prose_files, workers=job.workers, overwrite=job.overwrite,
+                 progress=not job.no_progress,
+                 command=job.command or f"train.build_data.run({job!r})")

@@ -1,4 +1,5 @@
-"""`python -m train.experiments`: does CCA keep a model's quality? One command runs the comparison.
+"""Does CCA keep a model's quality? One call runs the comparison: `run(ExperimentsJob(...))`,
+or `python -m train.experiments` (the command line, `train/experiments/cli.py`).
 
 For one pretrained model it runs, in this order, each as its own subprocess whose command line
 is logged to OUT/commands.sh:
@@ -28,7 +29,6 @@ rebuilds the comparison from what is there.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -79,32 +79,32 @@ def has_checkpoint(folder: Path) -> bool:
     return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
-def finetune_command(args, attention: str, window: int | None) -> list[str]:
+def finetune_command(job: ExperimentsJob, attention: str, window: int | None) -> list[str]:
     """The fine-tune of one arm; it resumes from its checkpoint when a slice was cut short."""
-    folder = finetune_dir(args.out, attention, window)
-    cmd = [sys.executable, "-m", "train.finetune", "--model", str(args.model),
+    folder = finetune_dir(job.out, attention, window)
+    cmd = [sys.executable, "-m", "train.finetune", "--model", str(job.model),
            "--attention", attention]
     if attention == "cca":
-        cmd += ["--group-size", str(args.group_size), "--window-size", str(window)]
-    cmd += ["--seq-len", str(args.seq_len), "--steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-            "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps),
-            "--eval-every", str(args.eval_every), "--seed", str(args.seed), "--out", str(folder),
+        cmd += ["--group-size", str(job.group_size), "--window-size", str(window)]
+    cmd += ["--seq-len", str(job.seq_len), "--steps", str(job.steps),
+            "--batch-size", str(job.batch_size), "--grad-accum", str(job.grad_accum),
+            "--lr", str(job.lr), "--warmup-steps", str(job.warmup_steps),
+            "--eval-every", str(job.eval_every), "--seed", str(job.seed), "--out", str(folder),
             "--resume" if has_checkpoint(folder) else "--overwrite"]
-    return cmd + shlex.split(args.finetune_args)
+    return cmd + shlex.split(job.finetune_args)
 
 
-def evaluate_command(args, run: Run) -> list[str]:
-    model = (finetune_dir(args.out, run.attention, run.window) / "export" if run.finetuned
-             else Path(args.model))
+def evaluate_command(job: ExperimentsJob, run: Run) -> list[str]:
+    model = (finetune_dir(job.out, run.attention, run.window) / "export" if run.finetuned
+             else Path(job.model))
     cmd = [sys.executable, "-m", "train.evaluate", "--model", str(model),
            "--attention", run.attention]
     if run.attention == "cca":
-        cmd += ["--group-size", str(args.group_size), "--window-size", str(run.window)]
-    cmd += ["--lengths", *map(str, args.lengths), "--examples", str(args.examples),
-            "--seed", str(args.seed), "--label", run.label,
-            "--out", str(args.out / "eval" / run.name), "--no-progress"]
-    return cmd + shlex.split(args.eval_args)
+        cmd += ["--group-size", str(job.group_size), "--window-size", str(run.window)]
+    cmd += ["--lengths", *map(str, job.lengths), "--examples", str(job.examples),
+            "--seed", str(job.seed), "--label", run.label,
+            "--out", str(job.out / "eval" / run.name), "--no-progress"]
+    return cmd + shlex.split(job.eval_args)
 
 
 def _display(cmd: list[str]) -> str:
@@ -114,6 +114,10 @@ def _display(cmd: list[str]) -> str:
 
 class Interrupted(Exception):
     """The comparison was stopped (signal or --time-limit); a rerun continues it."""
+
+
+class StepFailed(RuntimeError):
+    """A fine-tune or evaluation ended with an error (its log says which)."""
 
 
 _STOP: list[str] = []     # why the comparison must stop, once a signal or the deadline came
@@ -157,7 +161,7 @@ def run_step(cmd: list[str], out: Path, log_name: str, deadline: float | None = 
     if _STOP:
         raise Interrupted(f"stopped by {_STOP[0]} during {log_name}")
     if code != 0:
-        raise RuntimeError(f"step {log_name} failed with exit code {code}; see "
+        raise StepFailed(f"step {log_name} failed with exit code {code}; see "
                            f"{out / 'logs' / (log_name + '.log')}")
 
 
@@ -489,184 +493,147 @@ def finetune_summary(out: Path, runs: list[Run]) -> str:
          "held-out perplexity"], rows) + [""])
 
 
-def write_comparison(args, runs: list[Run]) -> str:
-    results = load_results(args.out, runs)
-    checks = compare(runs, results, ppl_tolerance=args.ppl_tolerance,
-                     accuracy_tolerance=args.accuracy_tolerance,
-                     control_floor=args.control_floor)
-    table = comparison_table(runs, results, checks, ppl_tolerance=args.ppl_tolerance,
-                             accuracy_tolerance=args.accuracy_tolerance)
+def write_comparison(job: ExperimentsJob, runs: list[Run]) -> str:
+    """Write OUT/table.md, OUT/summary.json and OUT/comparison.png from the results in
+    OUT; return the table."""
+    results = load_results(job.out, runs)
+    checks = compare(runs, results, ppl_tolerance=job.ppl_tolerance,
+                     accuracy_tolerance=job.accuracy_tolerance,
+                     control_floor=job.control_floor)
+    table = comparison_table(runs, results, checks, ppl_tolerance=job.ppl_tolerance,
+                             accuracy_tolerance=job.accuracy_tolerance)
     table = "\n".join(part for part in (table, depth_tables(runs, results),
-                                         finetune_summary(args.out, runs)) if part)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / TABLE_FILE, table)
+                                         finetune_summary(job.out, runs)) if part)
+    job.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(job.out / TABLE_FILE, table)
     summary = {"runs": {r.name: {"label": r.label, "attention": r.attention,
                                  "window": r.window, "finetuned": r.finetuned,
                                  "evaluated": r.name in results} for r in runs},
-               "targets": checks, "ppl_tolerance": args.ppl_tolerance,
-               "accuracy_tolerance": args.accuracy_tolerance,
-               "control_floor": args.control_floor}
-    atomic_write_text(args.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    comparison_plot(runs, results, args.out / PLOT_FILE)
+               "targets": checks, "ppl_tolerance": job.ppl_tolerance,
+               "accuracy_tolerance": job.accuracy_tolerance,
+               "control_floor": job.control_floor}
+    atomic_write_text(job.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    comparison_plot(runs, results, job.out / PLOT_FILE)
     return table
 
 
-# ------------------------------------------------------------------------------ command line
+# ------------------------------------------------------------------------------ the job
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train.experiments",
-        description="Fine-tune a model with CCA (each --windows value) and with full "
-                    "attention by the same recipe, evaluate those and the model as it is "
-                    "(full, and CCA with no training), and write the comparison "
-                    "(table.md, summary.json, comparison.png) into --out. Finished steps "
-                    "are skipped, so a rerun continues an interrupted comparison.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="pretrained model: converted cca_jax directory or Hugging Face "
-                        "LLaMA/Qwen2 directory")
-    p.add_argument("--out", type=Path, default=Path("runs/quality"),
-                   help="where fine-tunes, evaluations, logs and the comparison go")
-    p.add_argument("--group-size", type=int, default=DEFAULT_CCA.group_size,
-                   help="CCA group size g (default: the paper's)")
-    p.add_argument("--windows", type=int, nargs="+",
-                   default=[256, DEFAULT_CCA.window_size],
-                   help="CCA local windows w to compare (default: the paper's "
-                        f"{DEFAULT_CCA.window_size} and a quarter of it, to see what a "
-                        "smaller window costs)")
-    g = p.add_argument_group("fine-tuning (the same for every attention)")
-    g.add_argument("--steps", type=int, default=500, help="optimizer updates per fine-tune")
-    g.add_argument("--seq-len", type=int, default=8192, help="tokens per training sequence")
-    g.add_argument("--batch-size", type=int, default=8,
-                   help="sequences per update (the paper: 32)")
-    g.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per update (divides --batch-size)")
-    g.add_argument("--lr", type=float, default=2e-5,
-                   help="AdamW learning rate (the paper's), constant after the warm-up")
-    g.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up updates")
-    g.add_argument("--eval-every", type=int, default=100,
-                   help="held-out perplexity during fine-tuning every N updates")
-    g.add_argument("--finetune-args", default="",
-                   help="extra arguments for python -m train.finetune, e.g. '--data a.txt' "
-                        "(a value that is one option needs '=': --finetune-args=--no-export)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
-                   help="evaluation context lengths in tokens")
-    g.add_argument("--examples", type=int, default=20,
-                   help="examples per (length, depth) cell of passkey and mdqa (x 5 depths: "
-                        "100 per length)")
-    g.add_argument("--eval-args", default="",
-                   help="extra arguments for python -m train.evaluate, e.g. '--ppl-tail 256' "
-                        "(a value that is one option needs '=': --eval-args=--dtype=float32)")
-    g.add_argument("--ppl-tolerance", type=float, default=0.03,
-                   help="target: CCA perplexity at the longest length at most this fraction "
-                        "above the fine-tuned full model's")
-    g.add_argument("--accuracy-tolerance", type=float, default=5.0,
-                   help="target: CCA ranking accuracy at most this many points below the "
-                        "control at any length")
-    g.add_argument("--control-floor", type=float, default=90.0,
-                   help="the control is valid when its passkey ranking accuracy is at least "
-                        "this at every length")
-    p.add_argument("--seed", type=int, default=0, help="data order and example seed")
-    p.add_argument("--skip-untrained", action="store_true",
-                   help="evaluate only the fine-tuned models")
-    p.add_argument("--table-only", action="store_true",
-                   help="run nothing; rebuild the comparison from the results in --out")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the commands that would run, run nothing")
-    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="stop after this long (the running fine-tune saves a checkpoint "
-                        "first) and exit with code 3; the same command continues later. "
-                        "SIGINT/SIGTERM do the same")
-    return p
+class UsageError(ValueError):
+    """A bad argument, found before anything runs."""
 
 
-def check_args(args) -> None:
-    for name in ("group_size", "steps", "seq_len", "batch_size", "grad_accum", "examples",
-                 "warmup_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.eval_every < 0:
-        raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
-    for name in ("windows", "lengths"):
-        bad = [v for v in getattr(args, name) if v < 1]
-        if bad:
-            raise ValueError(f"--{name} must be >= 1, got {bad}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
-    if args.batch_size % args.grad_accum:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum "
-                         f"{args.grad_accum}")
-    if args.time_limit is not None and not args.time_limit > 0:
-        raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
-    if not (args.table_only or args.dry_run) and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model: {str(args.model)!r} is not a directory")
-    for name in ("finetune_args", "eval_args"):
-        try:
-            shlex.split(getattr(args, name))
-        except ValueError as err:
-            raise ValueError(f"--{name.replace('_', '-')}: {err}") from None
+@dataclass(frozen=True, kw_only=True)
+class ExperimentsJob:
+    """One comparison. Each field is the command-line flag of the same name (`seq_len` is
+    --seq-len, `finetune_args` --finetune-args); the command line takes its defaults from
+    here. Checked when made (`UsageError` naming the flag): windows are made unique, lengths
+    sorted and unique."""
+
+    model: str | Path
+    out: Path = Path("runs/quality")
+    group_size: int = DEFAULT_CCA.group_size
+    windows: tuple[int, ...] = (256, DEFAULT_CCA.window_size)
+    # fine-tuning (the same for every attention)
+    steps: int = 500                    # updates per fine-tune
+    seq_len: int = 8192
+    batch_size: int = 8                 # the paper: 32
+    grad_accum: int = 1
+    lr: float = 2e-5                    # the paper's
+    warmup_steps: int = 20
+    eval_every: int = 100               # held-out perplexity during fine-tuning
+    finetune_args: str = ""             # more flags for every fine-tune, e.g. "--data DIR"
+    # evaluation
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    examples: int = 20                  # per (length, depth) cell of passkey and mdqa
+    eval_args: str = ""                 # more flags for every evaluation
+    ppl_tolerance: float = 0.03         # targets: see the module docstring
+    accuracy_tolerance: float = 5.0
+    control_floor: float = 90.0
+    seed: int = 0
+    skip_untrained: bool = False
+    table_only: bool = False
+    dry_run: bool = False
+    time_limit: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "windows", tuple(dict.fromkeys(self.windows)))
+        object.__setattr__(self, "lengths", tuple(sorted(set(self.lengths))))
+        for name in ("group_size", "steps", "seq_len", "batch_size", "grad_accum", "examples",
+                     "warmup_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)}")
+        if self.eval_every < 0:
+            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
+        for name in ("windows", "lengths"):
+            bad = [v for v in getattr(self, name) if v < 1]
+            if bad or not getattr(self, name):
+                raise UsageError(f"--{name} must be >= 1, got {bad or '(none)'}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.batch_size % self.grad_accum:
+            raise UsageError(f"--batch-size {self.batch_size} must be a multiple of "
+                             f"--grad-accum {self.grad_accum}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise UsageError(f"--time-limit must be > 0 seconds, got {self.time_limit}")
+        for name in ("finetune_args", "eval_args"):
+            try:
+                shlex.split(getattr(self, name))
+            except ValueError as err:
+                raise UsageError(f"--{name.replace('_', '-')}: {err}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.windows = list(dict.fromkeys(args.windows))
-    args.lengths = sorted(set(args.lengths))
-    try:
-        check_args(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    runs = plan_runs(args.windows)
-    if args.skip_untrained:
+def plan_steps(job: ExperimentsJob, runs: list[Run]) -> list[tuple[str, list[str], bool]]:
+    """(name, command, already done) of every step, in the order they run: each fine-tune is
+    evaluated as soon as it ends (the control first), so a run cut short still leaves
+    complete pairs; the untouched model comes last."""
+    steps = []
+    for run in sorted(runs, key=lambda r: (not r.finetuned, r.attention != "full")):
+        done = (job.out / "eval" / run.name / "results.json").is_file()
+        if run.finetuned:
+            # Not needed once its evaluation exists (its export may be gone by then).
+            folder = finetune_dir(job.out, run.attention, run.window)
+            steps.append((folder.name, finetune_command(job, run.attention, run.window),
+                          done or (folder / "export").is_dir()))
+        steps.append((f"eval-{run.name}", evaluate_command(job, run), done))
+    return steps
+
+
+def run(job: ExperimentsJob) -> str | None:
+    """Run the steps not done yet, each a subprocess (`run_step`), rewriting the comparison
+    after each; return the comparison table (None for a dry run, which prints the commands
+    and runs nothing). Interrupted (signal or --time-limit) or StepFailed after writing the
+    comparison of what is there; UsageError if the model is not a directory."""
+    if not (job.table_only or job.dry_run) and not Path(job.model).is_dir():
+        raise UsageError(f"--model: {str(job.model)!r} is not a directory")
+    runs = plan_runs(list(job.windows))
+    if job.skip_untrained:
         runs = [r for r in runs if r.finetuned]
-    if not args.table_only:
-        # Each fine-tune is evaluated as soon as it ends (the control first), so a run cut
-        # short still leaves complete pairs; the untouched model comes last.
-        steps = []
-        for run in sorted(runs, key=lambda r: (not r.finetuned, r.attention != "full")):
-            done = (args.out / "eval" / run.name / "results.json").is_file()
-            if run.finetuned:
-                # Not needed once its evaluation exists (its export may be gone by then).
-                folder = finetune_dir(args.out, run.attention, run.window)
-                steps.append((folder.name, finetune_command(args, run.attention, run.window),
-                              done or (folder / "export").is_dir()))
-            steps.append((f"eval-{run.name}", evaluate_command(args, run), done))
+    if not job.table_only:
+        steps = plan_steps(job, runs)
         todo = [s for s in steps if not s[2]]
         print(f"{len(steps)} steps, {len(steps) - len(todo)} already done", flush=True)
-        if args.dry_run:
+        if job.dry_run:
             for name, cmd, done in steps:
                 print(("# done: " if done else "") + _display(cmd))
-            return 0
-        args.out.mkdir(parents=True, exist_ok=True)
-        deadline = (time.monotonic() + args.time_limit) if args.time_limit else None
+            return None
+        job.out.mkdir(parents=True, exist_ok=True)
+        deadline = (time.monotonic() + job.time_limit) if job.time_limit else None
         handlers = {sig: signal.signal(sig, _request_stop)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             for i, (name, cmd, _) in enumerate(todo, 1):
                 print(f"\n=== step {i}/{len(todo)}: {name}", flush=True)
-                run_step(cmd, args.out, name, deadline)
-                write_comparison(args, runs)
-        except Interrupted as err:
-            write_comparison(args, runs)
-            print(f"interrupted: {err}; run the same command again to continue",
-                  file=sys.stderr)
-            return 3
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            write_comparison(args, runs)
-            return 1
+                run_step(cmd, job.out, name, deadline)
+                write_comparison(job, runs)
+        except (Interrupted, StepFailed):
+            write_comparison(job, runs)
+            raise
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             _STOP.clear()
-    table = write_comparison(args, runs)
-    print("\n" + table)
-    print(f"wrote {args.out / TABLE_FILE}, {args.out / SUMMARY_FILE}, {args.out / PLOT_FILE}",
-          file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return write_comparison(job, runs)

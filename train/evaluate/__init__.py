@@ -1,4 +1,5 @@
-"""`python -m train.evaluate`: long-context quality of a model with CCA or full attention.
+"""Long-context quality of a model with CCA or full attention: `run(EvaluateJob(...))`, and
+on the command line `python -m train.evaluate` (`train/evaluate/cli.py`).
 
 Four measurements, each at every `--lengths` context length:
 
@@ -26,16 +27,16 @@ train.finetune export records them) unless given.
 
 Every example's record, and every perplexity and copy window's sums, are written to
 `results.json`, so two models evaluated alike can be compared pairwise
-(`train.experiments`). Prints a table; writes `results.json` and PNG plots into `--out`.
+(`train.experiments`). `run` writes `results.json` and PNG plots into `--out` and returns the
+results; the command line also prints them as a table (`format_table`).
 
     python -m train.evaluate --model PATH --lengths 1024 2048 4096 8192
         [--attention cca|full] [--group-size G --window-size W] [--full-attention-layers I,J]
-        [--tasks ppl passkey mdqa copy]
-        [--rope-theta T | --rope-scaling linear:2] [--examples N] [--out DIR] [--seed S]
+        [--tasks ppl passkey mdqa copy] [--rope-theta T | --rope-scaling linear:2] [--examples N] [--out DIR] [--seed S]
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -48,11 +49,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cca_jax.config import (DEFAULT_CCA, CCAConfig, check_layer_indices, describe_layers,
-                            layer_indices_argument)
+from cca_jax.config import DEFAULT_CCA, CCAConfig, check_layer_indices, describe_layers
 from cca_jax.io import atomic_write_text
 from train import eval_tasks as tasks_lib
-from train.corpora import KJV_HELDOUT_BOOKS
 from train.eval_tasks import TASKS, TaskExample
 from train.plots import length_axis, save_figure
 
@@ -557,180 +556,163 @@ def write_plots(results: dict, out: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------
-# Command line.
+# The job.
+
+ATTENTIONS = ("cca", "full")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "reference")
+DTYPES = ("auto", "float32", "bfloat16")
+ANSWER_MODES = ("forced", "generate")
+DECODE_IMPLEMENTATIONS = ("auto", "jnp", "pallas")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where the help text does not already say it and it is set."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluateJob:
+    """One evaluation. Each field is the command-line flag of the same name (`ppl_tail` is
+    --ppl-tail, `no_progress` is --no-progress); the command line takes its defaults from here.
+    Checked when made (`UsageError` naming the flag): lengths are sorted and made unique, tasks
+    made unique, and --ppl-tail / --copy-tail filled in from the smallest length when not given.
+    attention, group_size, window_size and full_attention_layers left None come from the
+    model directory."""
 
-    def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default is None or \
-                action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
+    # model
+    model: str | os.PathLike
+    tokenizer: str | os.PathLike | None = None
+    attention: str | None = None
+    group_size: int | None = None
+    window_size: int | None = None
+    full_attention_layers: tuple[int, ...] | None = None    # None: the model directory's
+    attention_implementation: str = "auto"
+    rope_theta: float | None = None
+    rope_scaling: str | None = None
+    dtype: str = "auto"
+    # what to measure
+    lengths: tuple[int, ...]
+    tasks: tuple[str, ...] = TASKS
+    depths: tuple[float, ...] = (0, 25, 50, 75, 100)
+    examples: int = 20
+    candidates: int = tasks_lib.DEFAULT_CANDIDATES
+    seed: int = 0
+    answer_mode: str = "forced"
+    decode_implementation: str = "auto"
+    batch_size: int = 4
+    # perplexity
+    ppl_sources: tuple[str, ...] = tasks_lib.PPL_SOURCES
+    ppl_files: tuple[str, ...] = ()
+    ppl_windows: int = 4
+    ppl_tail: int | None = None
+    # copying renamed code
+    copy_docs: int = 8
+    copy_windows: int = 4
+    copy_tail: int | None = None
+    copy_far: int = 1024
+    # multi-document QA
+    mdqa_doc_tokens: int = 200
+    mdqa_facts: int = 2
+    # output
+    out: str | os.PathLike | None = None
+    label: str | None = None
+    no_progress: bool = False
+    command: str = ""       # the command line, recorded in results.json
 
+    def __post_init__(self):
+        def normalise(name, value):
+            object.__setattr__(self, name, value)
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train.evaluate",
-        description="Measure long-context quality of a model with CCA or full attention: "
-                    "held-out perplexity on the last tokens of windows of each length, "
-                    "passkey retrieval and synthetic multi-document QA (the true value ranked "
-                    "first among candidates by the model's likelihood, with 95%% intervals; "
-                    "greedy exact match too), and copying renamed identifiers of held-out "
-                    "code, at each length (and depth). Prints a table and writes "
-                    f"{RESULTS_FILE} and PNG plots into --out.",
-        formatter_class=_HelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="PATH",
-                   help="converted cca_jax directory (python -m cca_jax.convert, or "
-                        "train.finetune's export) or Hugging Face LLaMA/Qwen2 directory")
-    g.add_argument("--tokenizer", metavar="PATH", default=None,
-                   help="tokenizer directory (default: the model directory)")
-    g.add_argument("--attention", choices=("cca", "full"), default=None,
-                   help="attention to evaluate with (default: what the model directory's "
-                        "cca_config.json says, e.g. a train.finetune export; full for a "
-                        "Hugging Face directory)")
-    g.add_argument("--group-size", type=int, default=None, metavar="G",
-                   help="CCA group size g (default: the model directory's, else the "
-                        f"paper's {DEFAULT_CCA.group_size})")
-    g.add_argument("--window-size", type=int, default=None, metavar="W",
-                   help="CCA local window w (default: the model directory's, else the "
-                        f"paper's {DEFAULT_CCA.window_size})")
-    g.add_argument("--full-attention-layers", type=layer_indices_argument, default=None,
-                   metavar="I,J",
-                   help="hybrid: these layers (from 0) use full attention, the rest CCA; "
-                        "'none' for no layer (default: the model directory's, e.g. a "
-                        "train.finetune export's)")
-    g.add_argument("--attention-implementation", default="auto",
-                   choices=("auto", "xla", "pallas", "reference"),
-                   help="attention op implementation (auto: Pallas on a GPU, XLA elsewhere)")
-    g.add_argument("--rope-theta", type=float, default=None, metavar="T",
-                   help="replace the model's RoPE base (stretches the context when larger)")
-    g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR|JSON",
-                   help="RoPE scaling for lengths beyond the model's context: 'linear:2', "
-                        "'dynamic:2', a JSON dict, or 'none' to remove the model's scaling")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute dtype (auto: bfloat16 on a GPU, float32 elsewhere)")
-    g = p.add_argument_group("what to measure")
-    g.add_argument("--lengths", type=int, nargs="+", required=True, metavar="L",
-                   help="context lengths in tokens, e.g. 1024 2048 4096 8192")
-    g.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
-                   help="measurements to run")
-    g.add_argument("--depths", type=float, nargs="+", default=[0, 25, 50, 75, 100],
-                   metavar="PCT", help="where the answer sits, in percent of the context "
-                                       "(passkey, mdqa)")
-    g.add_argument("--examples", type=int, default=20, metavar="N",
-                   help="examples per (length, depth) cell (passkey, mdqa); with the 5 "
-                        "default depths, 100 per length")
-    g.add_argument("--candidates", type=int, default=tasks_lib.DEFAULT_CANDIDATES,
-                   metavar="K", help="the answer and K - 1 distractors ranked per example "
-                                     "(passkey: random keys; mdqa: other facts' values)")
-    g.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seed of the generated examples")
-    g.add_argument("--answer-mode", choices=("forced", "generate"), default="forced",
-                   help="where the greedy prediction (exact-match column) comes from: forced, "
-                        "the argmaxes of the candidate-scoring pass; generate, cached greedy "
-                        "decoding (cca_jax.generate), one example at a time")
-    g.add_argument("--decode-implementation", choices=("auto", "jnp", "pallas"),
-                   default="auto", help="decode attention of the candidate scoring (auto: "
-                                        "the Pallas kernel on a GPU)")
-    g.add_argument("--batch-size", type=int, default=4, metavar="B",
-                   help="sequences per forward pass")
-    g = p.add_argument_group("perplexity")
-    g.add_argument("--ppl-sources", nargs="*", choices=tasks_lib.PPL_SOURCES,
-                   default=list(tasks_lib.PPL_SOURCES),
-                   help="held-out corpora: plays (train.corpora.HELD_OUT_PLAYS), kjv (books "
-                        f"{', '.join(KJV_HELDOUT_BOOKS)})")
-    g.add_argument("--ppl-files", nargs="*", default=[], metavar="FILE",
-                   help="extra held-out text files, one document each (source 'file')")
-    g.add_argument("--ppl-windows", type=int, default=4, metavar="N",
-                   help="windows per document (the same window ends at every length)")
-    g.add_argument("--ppl-tail", type=int, default=None, metavar="N",
-                   help=f"perplexity is reported on the last N tokens of each window, at "
-                        f"every length (default: {DEFAULT_TAIL}, or a quarter of the smallest "
-                        "length if that is less)")
-    g = p.add_argument_group("copying renamed code")
-    g.add_argument("--copy-docs", type=int, default=8, metavar="N",
-                   help="renamed files of the held-out standard-library packages")
-    g.add_argument("--copy-windows", type=int, default=4, metavar="N",
-                   help="windows per file (the same ends at every length)")
-    g.add_argument("--copy-tail", type=int, default=None, metavar="N",
-                   help="score the copying targets among the last N tokens of each window "
-                        "(default: half the smallest length)")
-    g.add_argument("--copy-far", type=int, default=1024, metavar="N",
-                   help="'far' copies: previous occurrence more than N tokens back")
-    g = p.add_argument_group("multi-document QA")
-    g.add_argument("--mdqa-doc-tokens", type=int, default=200, metavar="N",
-                   help="context tokens per document: k = max(2, round(length / N)) documents")
-    g.add_argument("--mdqa-facts", type=int, default=2, metavar="N",
-                   help="code facts per document")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, metavar="DIR",
-                   help="output directory (default: evals/<model>-<attention settings>)")
-    g.add_argument("--label", default=None,
-                   help="name of this run in the table, JSON and plots (default: from the "
-                        "model and attention settings)")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return p
+        normalise("lengths", tuple(sorted(set(self.lengths))))
+        normalise("tasks", tuple(dict.fromkeys(self.tasks)))
+        for name in ("depths", "ppl_sources"):
+            normalise(name, tuple(getattr(self, name)))
+        normalise("ppl_files", tuple(str(f) for f in self.ppl_files))
+        _check_choices(self)
+        if not self.lengths:
+            raise UsageError("--lengths needs at least one length")
+        bad = [L for L in self.lengths if L < 1]
+        if bad:
+            raise UsageError(f"--lengths must all be >= 1, got {', '.join(map(str, bad))}")
+        bad = [d for d in self.depths if not 0 <= d <= 100]
+        if bad:
+            raise UsageError(f"--depths are percentages in [0, 100], got "
+                             f"{', '.join(map(str, bad))}")
+        if self.ppl_tail is None:
+            normalise("ppl_tail", max(1, min(DEFAULT_TAIL, min(self.lengths) // 4)))
+        if self.copy_tail is None:
+            normalise("copy_tail", max(1, min(self.lengths) // 2))
+        _check_values(self)
 
 
-def _positive(args, name: str) -> None:
-    value = getattr(args, name)
+def _check_choices(job: EvaluateJob) -> None:
+    for name, choices, value in (
+            ("attention", ATTENTIONS + (None,), job.attention),
+            ("attention_implementation", IMPLEMENTATIONS, job.attention_implementation),
+            ("dtype", DTYPES, job.dtype),
+            ("answer_mode", ANSWER_MODES, job.answer_mode),
+            ("decode_implementation", DECODE_IMPLEMENTATIONS, job.decode_implementation)):
+        if value not in choices:
+            raise UsageError(f"--{name.replace('_', '-')} must be one of "
+                             f"{', '.join(c for c in choices if c)}, got {value!r}")
+    for name, choices in (("tasks", TASKS), ("ppl_sources", tasks_lib.PPL_SOURCES)):
+        bad = [v for v in getattr(job, name) if v not in choices]
+        if bad:
+            raise UsageError(f"--{name.replace('_', '-')}: {', '.join(map(repr, bad))} not "
+                             f"among {', '.join(choices)}")
+
+
+def _positive(job: EvaluateJob, name: str) -> None:
+    value = getattr(job, name)
     if value < 1:
         raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def check_args(args) -> None:
-    """UsageError naming the bad argument; nothing is loaded. Fills in --ppl-tail."""
-    model = Path(args.model).expanduser()
-    if not model.exists():
-        raise UsageError(f"--model: {str(model)!r} does not exist")
-    if not model.is_dir():
-        raise UsageError(f"--model: {str(model)!r} is not a directory")
-    bad = [L for L in args.lengths if L < 1]
-    if bad:
-        raise UsageError(f"--lengths must all be >= 1, got {', '.join(map(str, bad))}")
-    bad = [d for d in args.depths if not 0 <= d <= 100]
-    if bad:
-        raise UsageError(f"--depths are percentages in [0, 100], got {', '.join(map(str, bad))}")
-    if args.ppl_tail is None:
-        args.ppl_tail = max(1, min(DEFAULT_TAIL, min(args.lengths) // 4))
-    if args.copy_tail is None:
-        args.copy_tail = max(1, min(args.lengths) // 2)
+def _check_values(job: EvaluateJob) -> None:
+    """UsageError naming the flag; nothing is read."""
+    from cca_jax.rope import parse_rope_scaling
+
     for name in ("examples", "batch_size", "ppl_windows", "ppl_tail", "mdqa_doc_tokens",
                  "mdqa_facts", "copy_docs", "copy_windows", "copy_tail", "copy_far"):
-        _positive(args, name)
+        _positive(job, name)
     for name in ("group_size", "window_size"):
-        if getattr(args, name) is not None:
-            _positive(args, name)
-    if args.candidates < 2:
+        if getattr(job, name) is not None:
+            _positive(job, name)
+    if job.candidates < 2:
         raise UsageError(f"--candidates must be >= 2 (the answer and a distractor), got "
-                         f"{args.candidates}")
-    if "copy" in args.tasks and args.copy_tail > min(args.lengths):
-        raise UsageError(f"--copy-tail {args.copy_tail} exceeds the smallest length "
-                         f"{min(args.lengths)}; lower --copy-tail")
-    if "ppl" in args.tasks:
-        if args.ppl_tail > min(args.lengths):
-            raise UsageError(f"--ppl-tail {args.ppl_tail} exceeds the smallest length "
-                             f"{min(args.lengths)}; lower --ppl-tail")
-        if not args.ppl_sources and not args.ppl_files:
+                         f"{job.candidates}")
+    if "copy" in job.tasks and job.copy_tail > min(job.lengths):
+        raise UsageError(f"--copy-tail {job.copy_tail} exceeds the smallest length "
+                         f"{min(job.lengths)}; lower --copy-tail")
+    if "ppl" in job.tasks:
+        if job.ppl_tail > min(job.lengths):
+            raise UsageError(f"--ppl-tail {job.ppl_tail} exceeds the smallest length "
+                             f"{min(job.lengths)}; lower --ppl-tail")
+        if not job.ppl_sources and not job.ppl_files:
             raise UsageError("ppl needs held-out text: give --ppl-sources and/or --ppl-files")
-    if args.rope_theta is not None and not args.rope_theta > 0:
-        raise UsageError(f"--rope-theta must be positive, got {args.rope_theta}")
+    if job.rope_theta is not None and not job.rope_theta > 0:
+        raise UsageError(f"--rope-theta must be positive, got {job.rope_theta}")
+    try:
+        parse_rope_scaling(job.rope_scaling, "--rope-scaling")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
-def _default_label(args) -> str:
-    name = Path(args.model).expanduser().resolve().name
-    label = f"{name}-{args.attention}"
-    if args.attention == "cca":
-        label += f"-g{args.group_size}-w{args.window_size}"
-        if args.full_attention_layers:
-            label += "-full" + "_".join(map(str, args.full_attention_layers))
-    if args.rope_theta is not None:
-        label += f"-theta{args.rope_theta:g}"
-    if args.rope_scaling is not None:
-        label += "-rope-" + "".join(c if c.isalnum() else "_" for c in args.rope_scaling)
+@dataclasses.dataclass(frozen=True)
+class EvaluateResult:
+    """What `run` wrote: `results` (as in OUT/results.json) and the plots, in `out`."""
+
+    out: Path
+    results: dict
+    plots: tuple[Path, ...]
+
+
+def _default_label(job: EvaluateJob) -> str:
+    name = Path(job.model).expanduser().resolve().name
+    label = f"{name}-{job.attention}"
+    if job.attention == "cca":
+        label += f"-g{job.group_size}-w{job.window_size}"
+        if job.full_attention_layers:
+            label += "-full" + "_".join(map(str, job.full_attention_layers))
+    if job.rope_theta is not None:
+        label += f"-theta{job.rope_theta:g}"
+    if job.rope_scaling is not None:
+        label += "-rope-" + "".join(c if c.isalnum() else "_" for c in job.rope_scaling)
     return label
 
 
@@ -747,118 +729,131 @@ def stored_attention(model_dir: str | os.PathLike) -> tuple[str, int, int, str]:
             "defaults (no cca_config.json)")
 
 
-def resolve_attention(args) -> str:
-    """Fill --attention, --group-size, --window-size and --full-attention-layers left unset
-    from the model directory (and check the layers given against it); returns a note saying
+def resolve_attention(job: EvaluateJob) -> tuple[EvaluateJob, str]:
+    """The job with attention, group size, window size and full-attention layers left unset
+    taken from the model directory (the layers given checked against it), and a note saying
     where each came from."""
     from cca_jax.loading import read_config
 
-    attention, g, w, origin = stored_attention(args.model)
-    taken = []
-    for name, value in (("attention", attention), ("group_size", g), ("window_size", w)):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-            taken.append(name.replace("_", " "))
-    stored = read_config(args.model)
-    if args.full_attention_layers is None:
-        args.full_attention_layers = stored.full_attention_layers
+    attention, g, w, origin = stored_attention(job.model)
+    taken = {name: value for name, value in (("attention", attention), ("group_size", g),
+                                             ("window_size", w))
+             if getattr(job, name) is None}
+    named = [name.replace("_", " ") for name in taken]
+    stored = read_config(job.model)
+    if job.full_attention_layers is None:
+        taken["full_attention_layers"] = stored.full_attention_layers
         if stored.full_attention_layers:
-            taken.append("full-attention layers")
+            named.append("full-attention layers")
     else:
-        args.full_attention_layers = check_layer_indices(
-            args.full_attention_layers, stored.num_hidden_layers, "--full-attention-layers")
-    return f"{', '.join(taken)} from {origin}" if taken else "attention as given"
+        try:
+            taken["full_attention_layers"] = check_layer_indices(
+                job.full_attention_layers, stored.num_hidden_layers, "--full-attention-layers")
+        except (TypeError, ValueError) as err:
+            raise UsageError(str(err)) from None
+    note = f"{', '.join(named)} from {origin}" if named else "attention as given"
+    return dataclasses.replace(job, **taken), note
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.tasks = list(dict.fromkeys(args.tasks))
-    args.lengths = sorted(set(args.lengths))
-    err = sys.stderr
+@contextlib.contextmanager
+def _as_usage_errors(*kinds: type[BaseException]):
+    """Errors of these kinds (bad input found by the code inside) become UsageError."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except kinds as err:
+        raise UsageError(str(err)) from err
+
+
+def run(job: EvaluateJob) -> EvaluateResult:
+    """Generate every example and read the held-out text, then load the model (bad input
+    found on the way: UsageError, before any compute), score each task at each length, write
+    the plots and then results.json (atomically: its presence means the evaluation is
+    complete)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    progress = not args.no_progress
-    try:
-        check_args(args)
-        attention_note = resolve_attention(args)
+    err = sys.stderr
+    progress = not job.no_progress
+    with _as_usage_errors(ValueError, FileNotFoundError, NotADirectoryError,
+                          ModuleNotFoundError, OSError):
+        model_path = Path(job.model).expanduser()
+        if not model_path.exists():
+            raise UsageError(f"--model: {str(model_path)!r} does not exist")
+        if not model_path.is_dir():
+            raise UsageError(f"--model: {str(model_path)!r} is not a directory")
+        job, attention_note = resolve_attention(job)
         rope_scaling = None
-        if args.rope_scaling is not None:
+        if job.rope_scaling is not None:
             from cca_jax.rope import parse_rope_scaling
 
-            rope_scaling = parse_rope_scaling(args.rope_scaling, "--rope-scaling")
-        depths = sorted(set(d / 100 for d in args.depths))
-        label = args.label or _default_label(args)
-        out = Path(args.out).expanduser() if args.out else Path("evals") / label
+            rope_scaling = parse_rope_scaling(job.rope_scaling, "--rope-scaling")
+        depths = sorted(set(d / 100 for d in job.depths))
+        label = job.label or _default_label(job)
+        out = Path(job.out).expanduser() if job.out else Path("evals") / label
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out: {str(out)!r} exists and is not a directory")
 
         from cca_jax.loading import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        tokenizer = load_tokenizer(job.tokenizer or job.model)
         # Everything generated (and checked) before the model is loaded.
         examples: dict[str, list[TaskExample]] = {}
         notes = [attention_note]
-        if "passkey" in args.tasks:
+        if "passkey" in job.tasks:
             examples["passkey"] = tasks_lib.make_examples(
-                "passkey", tokenizer, args.lengths, depths, args.examples, args.seed,
-                candidates=args.candidates)
-        if "mdqa" in args.tasks:
+                "passkey", tokenizer, job.lengths, depths, job.examples, job.seed,
+                candidates=job.candidates)
+        if "mdqa" in job.tasks:
             filler, filler_source = tasks_lib.mdqa_filler()
             notes.append(f"mdqa filler: {filler_source}")
             examples["mdqa"] = tasks_lib.make_examples(
-                "mdqa", tokenizer, args.lengths, depths, args.examples, args.seed,
-                filler=filler, doc_tokens=args.mdqa_doc_tokens,
-                facts_per_doc=args.mdqa_facts, candidates=args.candidates)
+                "mdqa", tokenizer, job.lengths, depths, job.examples, job.seed,
+                filler=filler, doc_tokens=job.mdqa_doc_tokens,
+                facts_per_doc=job.mdqa_facts, candidates=job.candidates)
         documents = []
-        if "ppl" in args.tasks:
-            for doc in tasks_lib.heldout_documents(args.ppl_sources, args.ppl_files):
+        if "ppl" in job.tasks:
+            for doc in tasks_lib.heldout_documents(job.ppl_sources, job.ppl_files):
                 ids = np.asarray(tokenizer.encode(doc.text, add_special_tokens=False), np.int32)
                 documents.append((doc.name, doc.source, ids))
             longest = max((len(t) for *_, t in documents), default=0)
-            if longest < max(args.lengths) + 1:
+            if longest < max(job.lengths) + 1:
                 raise UsageError(f"ppl: the longest held-out document has {longest} tokens, "
-                                 f"fewer than the {max(args.lengths) + 1} that --lengths "
-                                 f"{max(args.lengths)} needs; lower --lengths or add "
+                                 f"fewer than the {max(job.lengths) + 1} that --lengths "
+                                 f"{max(job.lengths)} needs; lower --lengths or add "
                                  "--ppl-files")
         copy_docs = []
-        if "copy" in args.tasks:
-            copy_docs = tasks_lib.copy_documents(tokenizer, max(args.lengths) + 1,
-                                                 args.copy_docs, args.seed)
+        if "copy" in job.tasks:
+            copy_docs = tasks_lib.copy_documents(tokenizer, max(job.lengths) + 1,
+                                                 job.copy_docs, job.seed)
             if not copy_docs:
-                raise UsageError(f"copy: no held-out code file has the {max(args.lengths) + 1}"
+                raise UsageError(f"copy: no held-out code file has the {max(job.lengths) + 1}"
                                  " tokens the longest length needs; lower --lengths")
             notes.append(f"copy: {len(copy_docs)} renamed held-out files ("
                          f"{', '.join(d.name for d in copy_docs)})")
-    except (ValueError, FileNotFoundError, NotADirectoryError, ModuleNotFoundError,
-            OSError) as error:
-        print(f"error: {error}", file=err)
-        return 2
 
     import jax
 
     from cca_jax.loading import from_pretrained
 
-    dtype = args.dtype
+    dtype = job.dtype
     if dtype == "auto":
         dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-    hybrid = args.attention == "cca" and bool(args.full_attention_layers)
-    print(f"loading {args.model} ({dtype}, attention={args.attention}"
-          + (f", g={args.group_size}, w={args.window_size}" if args.attention == "cca" else "")
-          + (f", full attention in layers {describe_layers(args.full_attention_layers)}"
+    hybrid = job.attention == "cca" and bool(job.full_attention_layers)
+    print(f"loading {job.model} ({dtype}, attention={job.attention}"
+          + (f", g={job.group_size}, w={job.window_size}" if job.attention == "cca" else "")
+          + (f", full attention in layers {describe_layers(job.full_attention_layers)}"
              if hybrid else "")
           + f") on {jax.default_backend()} ...", file=err, flush=True)
-    try:
-        cca = CCAConfig(group_size=args.group_size, window_size=args.window_size,
-                        implementation=args.attention_implementation)
-        model = from_pretrained(args.model, attention=args.attention, cca=cca, dtype=dtype,
-                                full_attention_layers=args.full_attention_layers)
-        model = with_rope(model, args.rope_theta, rope_scaling)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as error:
-        print(f"error: {error}", file=err)
-        return 2
+    with _as_usage_errors(ValueError, FileNotFoundError, NotADirectoryError, OSError):
+        cca = CCAConfig(group_size=job.group_size, window_size=job.window_size,
+                        implementation=job.attention_implementation)
+        model = from_pretrained(job.model, attention=job.attention, cca=cca, dtype=dtype,
+                                full_attention_layers=job.full_attention_layers)
+        model = with_rope(model, job.rope_theta, rope_scaling)
     config = model.config
-    if max(args.lengths) > config.max_position_embeddings:
-        print(f"note: lengths up to {max(args.lengths)} exceed the model's context "
+    if max(job.lengths) > config.max_position_embeddings:
+        print(f"note: lengths up to {max(job.lengths)} exceed the model's context "
               f"({config.max_position_embeddings} positions); rope_theta={config.rope_theta:g}"
               f", rope_scaling={dict(config.rope_scaling) if config.rope_scaling else None}",
               file=err, flush=True)
@@ -868,52 +863,51 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "label": label,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python -m train.evaluate " + " ".join(sys.argv[1:] if argv is None
-                                                           else argv),
-        "model": str(args.model), "attention": args.attention,
-        "group_size": args.group_size if args.attention == "cca" else None,
-        "window_size": args.window_size if args.attention == "cca" else None,
-        "full_attention_layers": list(args.full_attention_layers) if hybrid else [],
+        "command": job.command or f"train.evaluate.run({job!r})",
+        "model": str(job.model), "attention": job.attention,
+        "group_size": job.group_size if job.attention == "cca" else None,
+        "window_size": job.window_size if job.attention == "cca" else None,
+        "full_attention_layers": list(job.full_attention_layers) if hybrid else [],
         "attention_from": attention_note,
         "rope_theta": config.rope_theta,
         "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
         "max_position_embeddings": config.max_position_embeddings,
-        "dtype": dtype, "backend": jax.default_backend(), "seed": args.seed,
-        "lengths": args.lengths, "depths": depths, "tasks": args.tasks,
-        "answer_mode": args.answer_mode, "examples_per_cell": args.examples,
-        "candidates": args.candidates,
+        "dtype": dtype, "backend": jax.default_backend(), "seed": job.seed,
+        "lengths": list(job.lengths), "depths": depths, "tasks": list(job.tasks),
+        "answer_mode": job.answer_mode, "examples_per_cell": job.examples,
+        "candidates": job.candidates,
         "seconds": {},
     }
-    width = max(args.lengths)
+    width = max(job.lengths)
     token_fn = None
-    if "ppl" in args.tasks or "copy" in args.tasks:
-        token_fn = model_token_fn(model, batch_size=args.batch_size, width=width)
-    if "ppl" in args.tasks:
+    if "ppl" in job.tasks or "copy" in job.tasks:
+        token_fn = model_token_fn(model, batch_size=job.batch_size, width=width)
+    if "ppl" in job.tasks:
         start = time.perf_counter()
         print("scoring held-out text (the first batch compiles) ...", file=err, flush=True)
         results["perplexity"] = perplexity_by_length(
-            lambda ids, targets: token_fn(ids, targets)[0], documents, args.lengths,
-            windows_per_doc=args.ppl_windows, tail=args.ppl_tail,
-            batch_size=args.batch_size, progress=progress)
+            lambda ids, targets: token_fn(ids, targets)[0], documents, job.lengths,
+            windows_per_doc=job.ppl_windows, tail=job.ppl_tail,
+            batch_size=job.batch_size, progress=progress)
         for doc in results["perplexity"]["skipped"]:
             print(f"note: ppl skips {doc['source']}/{doc['name']} ({doc['tokens']} tokens, "
-                  f"shorter than {max(args.lengths) + 1})", file=err)
+                  f"shorter than {max(job.lengths) + 1})", file=err)
         results["seconds"]["ppl"] = round(time.perf_counter() - start, 1)
-    if "copy" in args.tasks:
+    if "copy" in job.tasks:
         start = time.perf_counter()
-        results["copy"] = copy_by_length(token_fn, copy_docs, args.lengths,
-                                         windows_per_doc=args.copy_windows,
-                                         tail=args.copy_tail, far=args.copy_far,
-                                         batch_size=args.batch_size, progress=progress)
+        results["copy"] = copy_by_length(token_fn, copy_docs, job.lengths,
+                                         windows_per_doc=job.copy_windows,
+                                         tail=job.copy_tail, far=job.copy_far,
+                                         batch_size=job.batch_size, progress=progress)
         results["seconds"]["copy"] = round(time.perf_counter() - start, 1)
     if examples:
         every = [e for task_examples in examples.values() for e in task_examples]
         print("scoring candidates (the first batch compiles) ...", file=err, flush=True)
         answer_fn = model_candidate_fn(
-            model, tokenizer, prompt_width=width, candidates=args.candidates,
+            model, tokenizer, prompt_width=width, candidates=job.candidates,
             answer_width=max(len(t) for e in every for t in e.candidate_ids),
-            batch_size=args.batch_size, decode_implementation=args.decode_implementation)
-        if args.answer_mode == "generate":
+            batch_size=job.batch_size, decode_implementation=job.decode_implementation)
+        if job.answer_mode == "generate":
             scored = answer_fn
 
             def answer_fn(batch):
@@ -924,15 +918,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         bar = _bar(len(task_examples), task, "ex", progress)
         records = tasks_lib.score_examples(task_examples, answer_fn,
-                                           batch_size=args.batch_size, progress=bar.update)
+                                           batch_size=job.batch_size, progress=bar.update)
         bar.close()
         summary = tasks_lib.summarize(records)
         summary["examples"] = records
         if task == "mdqa":
             summary["documents_per_length"] = {
-                str(L): tasks_lib.mdqa_document_count(L, args.mdqa_doc_tokens)
-                for L in args.lengths}
-            summary["facts_per_document"] = args.mdqa_facts
+                str(L): tasks_lib.mdqa_document_count(L, job.mdqa_doc_tokens)
+                for L in job.lengths}
+            summary["facts_per_document"] = job.mdqa_facts
         results[task] = summary
         results["seconds"][task] = round(time.perf_counter() - start, 1)
 
@@ -941,10 +935,5 @@ def main(argv: list[str] | None = None) -> int:
     # results.json last and atomically: its presence means the evaluation is complete
     # (train.experiments skips an evaluation that has one).
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
-    print(format_table(results))
-    print(f"wrote {out / RESULTS_FILE} and {', '.join(p.name for p in plots)}", file=err)
-    return 0
+    return EvaluateResult(out, results, tuple(plots))
 
-
-if __name__ == "__main__":
-    sys.exit(main())
