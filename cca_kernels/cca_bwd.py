@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cca_kernels.cca_common import (MASK_VALUE, Static, block_loops, core_blocks, core_mask, dot,
-                                    iota, offset_input, origins, query_blocks_for_cores,
+                                    iota, offset_input, origins, out_struct,
+                                    query_blocks_for_cores,
                                     query_blocks_for_keys, raw_key_blocks, raw_mask,
                                     row_visibility, shift)
 
@@ -130,7 +130,7 @@ def cca_backward_dq(q, k, v, core_k, core_v, dout, lse, delta, st: Static, offse
         grid=(Lp // bq, B, H),
         in_specs=in_specs,
         out_specs=q_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=out_struct(q.shape, q.dtype, *args),
         compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps_bwd,
                                              num_stages=st.blocks.num_stages_bwd),
         interpret=st.interpret,
@@ -202,8 +202,7 @@ def cca_backward_dkv(q, k, v, dout, lse, delta, st: Static, offset=None):
         grid=(Lk // bk, B, Hkv),
         in_specs=in_specs,
         out_specs=[kv_block, kv_block],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[out_struct(k.shape, k.dtype, *args), out_struct(v.shape, v.dtype, *args)],
         compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps_bwd,
                                              num_stages=st.blocks.num_stages_bwd),
         interpret=st.interpret,
@@ -268,8 +267,8 @@ def cca_backward_dcore(q, core_k, core_v, dout, lse, delta, st: Static, offset=N
         grid=(Cp // bc, B, H),
         in_specs=in_specs,
         out_specs=[core_block, core_block],
-        out_shape=[jax.ShapeDtypeStruct(core_k.shape, core_k.dtype),
-                   jax.ShapeDtypeStruct(core_v.shape, core_v.dtype)],
+        out_shape=[out_struct(core_k.shape, core_k.dtype, *args),
+                   out_struct(core_v.shape, core_v.dtype, *args)],
         compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps_bwd,
                                              num_stages=st.blocks.num_stages_bwd),
         interpret=st.interpret,

@@ -215,6 +215,21 @@ def origins(st: Static, offset_ref):
     return q0, q0 - st.kv_halo
 
 
+def out_struct(shape, dtype, *inputs):
+    """The ShapeDtypeStruct of a kernel output. Inside `jax.shard_map` (which checks how values
+    vary over its manual mesh axes) an output varies over every axis some input varies over:
+    a shard's output, lse and gradients are its own."""
+    types = [jax.typeof(x) for x in inputs]
+    if all(hasattr(t, "mat") for t in types):            # jax 0.10: manual axis types
+        mat = types[0].mat
+        varying = frozenset().union(*(t.mat.varying for t in types))
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(mat)(varying=varying))
+    if all(hasattr(t, "vma") for t in types):            # earlier: varying manual axes
+        return jax.ShapeDtypeStruct(shape, dtype,
+                                    vma=frozenset().union(*(t.vma for t in types)))
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def offset_input():
     """BlockSpec of the traced query offset, int32[16] (a Triton-friendly tile), any grid."""
     return pl.BlockSpec((16,), lambda *_: (0,))

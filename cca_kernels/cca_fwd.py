@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cca_kernels.cca_common import (LOG2E, MASK_VALUE, Static, block_loops, core_blocks, core_mask,
-                                    dot, iota, offset_input, origins, raw_key_blocks, raw_mask,
+                                    dot, iota, offset_input, origins, out_struct, raw_key_blocks, raw_mask,
                                     row_visibility, shift)
 
 
@@ -174,8 +173,8 @@ def cca_forward(q, k, v, core_k, core_v, st: Static, offset=None):
         in_specs=in_specs,
         out_specs=[q_block,
                    pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, H, Lp), jnp.float32)],
+        out_shape=[out_struct(q.shape, q.dtype, *args),
+                   out_struct((B, H, Lp), jnp.float32, *args)],
         compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps,
                                              num_stages=st.blocks.num_stages),
         interpret=st.interpret,
