@@ -198,3 +198,41 @@ def test_traced_offset_lowers_to_triton(dtype, d, H, Hkv, Lq, halo, g, w, monkey
         text = grad.trace(q, kv, kv, core, core, offset).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 4
+
+
+def _expand(segments, shift=0, keep=range(-(1 << 30), 1 << 30)):
+    return [(i + shift, bool(masked)) for start, stop, masked in segments
+            for i in range(int(start), int(stop)) if i in keep]
+
+
+@pytest.mark.parametrize("g,w,bq,bk", [(16, 100, 32, 32), (4, 10, 32, 16), (16, 1024, 64, 64)])
+def test_a_shard_visits_the_blocks_the_whole_sequence_visits(g, w, bq, bk):
+    """The wrapper pads the halo at its front to whole tiles, so a shard's query and key
+    blocks line up with the whole sequence's: for every shard, each kernel loop visits the
+    same blocks, masked the same way, as the whole-sequence kernels for those rows (no block
+    of the halo that its rows cannot see, no extra boundary block)."""
+    from cca_jax.context import halo_length
+    L, n = 4096, 4
+    Ls = L // n
+    kv_halo = -(-halo_length(g, w) // max(bq, bk)) * max(bq, bk)
+    n_core = L // g // bk
+    for s in range(n):
+        m0, k0 = s * Ls, s * Ls - kv_halo
+        for qb in range(Ls // bq):
+            shard = cca_common.raw_key_blocks(m0 + qb * bq, bq, bk, g, w, key_start=k0)
+            whole = cca_common.raw_key_blocks(m0 + qb * bq, bq, bk, g, w)
+            assert _expand(shard, k0 // bk) == _expand(whole)
+        own_q = range(m0 // bq, (m0 + Ls) // bq)
+        for kb in range((kv_halo + Ls) // bk):
+            shard = cca_common.query_blocks_for_keys(k0 + kb * bk, bk, bq, g, w, Ls // bq,
+                                                     query_start=m0)
+            if k0 + kb * bk < 0:
+                assert _expand(shard) == []
+                continue
+            whole = cca_common.query_blocks_for_keys(k0 + kb * bk, bk, bq, g, w, L // bq)
+            assert _expand(shard, m0 // bq) == _expand(whole, keep=own_q)
+        for cb in range(n_core):
+            shard = cca_common.query_blocks_for_cores(cb * bk, bk, bq, g, w, Ls // bq,
+                                                      query_start=m0)
+            whole = cca_common.query_blocks_for_cores(cb * bk, bk, bq, g, w, L // bq)
+            assert _expand(shard, m0 // bq) == _expand(whole, keep=own_q)
