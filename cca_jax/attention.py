@@ -56,6 +56,24 @@ def _check_qkv(q, k, v, scale) -> None:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
+def resolve_implementation(implementation: str, interpret: bool = False,
+                           allowed: tuple[str, ...] = CCA_IMPLEMENTATIONS) -> str:
+    """The CCA implementation that runs here: "auto" is "pallas" on a GPU and "xla"
+    elsewhere; "pallas" needs a GPU or interpret=True, and interpret=True needs "pallas".
+    Shared by `cca_attention` and the context-parallel op (cca_jax.context)."""
+    check_implementation(implementation, allowed)
+    if implementation == "auto":
+        implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if implementation == "pallas":
+        if not interpret and jax.default_backend() != "gpu":
+            raise ValueError("implementation='pallas' needs a GPU backend (Triton); on "
+                             f"{jax.default_backend()!r} pass interpret=True or use 'xla'")
+    elif interpret:
+        raise ValueError(f"interpret=True only applies to implementation='pallas', "
+                         f"got {implementation!r}")
+    return implementation
+
+
 def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | None = None,
                   implementation: str = "auto", interpret: bool = False):
     """Core Context Aware attention (docs/cca.md), differentiable in q, k and v.
@@ -74,19 +92,11 @@ def cca_attention(q, k, v, *, group_size: int, window_size: int, scale: float | 
     check_positive_int("group_size", group_size)
     check_positive_int("window_size", window_size)
     _check_qkv(q, k, v, scale)
-    check_implementation(implementation, CCA_IMPLEMENTATIONS)
+    implementation = resolve_implementation(implementation, interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if implementation == "auto":
-        implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
     if implementation == "pallas":
-        if not interpret and jax.default_backend() != "gpu":
-            raise ValueError("implementation='pallas' needs a GPU backend (Triton); on "
-                             f"{jax.default_backend()!r} pass interpret=True or use 'xla'")
         return _cca_pallas(q, k, v, group_size=group_size, window_size=window_size,
                            scale=scale, interpret=interpret)
-    if interpret:
-        raise ValueError(f"interpret=True only applies to implementation='pallas', "
-                         f"got {implementation!r}")
     if implementation == "reference":
         return cca_reference(q, k, v, group_size=group_size,
                                        window_size=window_size, scale=scale)

@@ -13,9 +13,11 @@ c(m) * g .. m, and c(m) * g >= m - (w + g - 2). So a shard needs, besides its ow
   values before its first row, from the shard before it, or from several shards when a shard
   is shorter than the halo (one `ppermute` per shard it spans).
 
-Then the shard runs the blocked engine of `cca_jax.blocked` on its own queries against
-[halo ; own keys] and all core tokens, with its global positions, so the visibility rule is
-the one of `cca_kernels.visibility` everywhere. Gradients come from autodiff: the transpose of
+Then the shard attends with its own queries against [halo ; own keys] and all core tokens,
+in its global positions, so the visibility rule is the one of `cca_kernels.visibility`
+everywhere: on a GPU the Pallas kernels (`cca_attention_pallas` with the shard's traced
+`query_offset`; they visit only the key and core blocks its rows see), elsewhere the blocked
+engine of `cca_jax.blocked` (`implementation=`, resolved as `cca_attention` resolves it). Gradients come from autodiff: the transpose of
 the all-gather sums each core token's cotangents back onto the shard that pooled it, the
 transpose of each ppermute sends the halo's cotangents back to its owner.
 
@@ -35,14 +37,17 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from cca_jax.attention import resolve_implementation
 from cca_jax.blocked import DEFAULT_CHUNK_SIZE, _chunked_attention
 from cca_jax.reference import pool_core_tokens
+from cca_kernels.cca_attention import cca_attention_pallas
 from cca_kernels.visibility import visible_core_count
 
 __all__ = ["halo_length", "zigzag_order", "shard_work", "cca_attention_shard",
            "cca_attention_context_parallel", "LAYOUTS"]
 
 LAYOUTS = ("contiguous", "zigzag")
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -130,9 +135,27 @@ def _zigzag_halo(x, halo: int, axis_name: str, n: int):
     return halo_a, jnp.concatenate(halo_b, axis=1) if len(halo_b) > 1 else halo_b[0]
 
 
+def _attend(implementation: str, *, group_size: int, window_size: int, scale: float,
+            chunk_size: int, halo: int, interpret: bool):
+    """attend(q, k, v, core_k, core_v, start): queries at global positions start .. (a traced
+    int32), keys = [halo rows ; the queries' own], all core tokens of the sequence."""
+    if implementation == "pallas":
+        def attend(q, k, v, core_k, core_v, start):
+            return cca_attention_pallas(q, k, v, core_k, core_v, group_size=group_size,
+                                        window_size=window_size, scale=scale,
+                                        interpret=interpret, query_offset=start)
+        return attend
+    blocked = functools.partial(_chunked_attention, group_size=group_size,
+                                window_size=window_size, scale=scale, chunk_size=chunk_size,
+                                q_start=halo)
+    return lambda q, k, v, core_k, core_v, start: blocked(q, k, v, core_k, core_v,
+                                                          position0=start - halo)
+
+
 def cca_attention_shard(q, k, v, *, axis_name: str, group_size: int, window_size: int,
                         scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        layout: str = "contiguous"):
+                        layout: str = "contiguous", implementation: str = "auto",
+                        interpret: bool = False):
     """CCA attention of one sequence shard; call inside `jax.shard_map` with the sequence
     axis split over `axis_name` into equal shards.
 
@@ -144,12 +167,17 @@ def cca_attention_shard(q, k, v, *, axis_name: str, group_size: int, window_size
     q [B, Ls, H, d], k, v [B, Ls, Hkv, d]: this shard's rows; each piece's length must be
     a multiple of group_size. Returns [B, Ls, H, d] in q.dtype: the rows of `cca_attention`
     of the whole sequence that this shard holds, in the same layout.
+
+    implementation: "auto" ("pallas" on a GPU, "xla" elsewhere), "xla" (the blocked engine,
+    `chunk_size` queries at a time) or "pallas" (the kernels; interpret=True runs them on the
+    CPU, inside a `jax.shard_map(..., check_vma=False)`: the interpreter trips the check).
     """
     _check_positive_int("group_size", group_size)
     _check_positive_int("window_size", window_size)
     _check_positive_int("chunk_size", chunk_size)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    implementation = resolve_implementation(implementation, interpret, IMPLEMENTATIONS)
     B, Ls, H, d = q.shape
     g, w = group_size, window_size
     pieces = 2 if layout == "zigzag" else 1
@@ -165,14 +193,14 @@ def cca_attention_shard(q, k, v, *, axis_name: str, group_size: int, window_size
     core_k = lax.all_gather(core_k.astype(q.dtype), axis_name, axis=1, tiled=True)
     core_v = lax.all_gather(core_v.astype(q.dtype), axis_name, axis=1, tiled=True)
     halo = halo_length(g, w)
-    attend = functools.partial(_chunked_attention, group_size=g, window_size=w, scale=scale,
-                               chunk_size=chunk_size, q_start=halo)
+    attend = _attend(implementation, group_size=g, window_size=w, scale=scale,
+                     chunk_size=chunk_size, halo=halo, interpret=interpret)
     if layout == "contiguous":
         # All groups in order: group j of shard s is global group s * Ls/g + j.
         if halo:
             k = jnp.concatenate([_halo(k, halo, axis_name, n), k], axis=1)
             v = jnp.concatenate([_halo(v, halo, axis_name, n), v], axis=1)
-        return attend(q, k, v, core_k, core_v, position0=index * Ls - halo)
+        return attend(q, k, v, core_k, core_v, index * Ls)
     # Zigzag: the gathered groups come shard by shard (piece i's, then piece 2n-1-i's); put
     # them in the order of the sequence.
     per = P // g
@@ -191,8 +219,7 @@ def cca_attention_shard(q, k, v, *, axis_name: str, group_size: int, window_size
         if halo:
             k_part = jnp.concatenate([halos_k[part], k_part], axis=1)
             v_part = jnp.concatenate([halos_v[part], v_part], axis=1)
-        outs.append(attend(q[:, rows], k_part, v_part, core_k, core_v,
-                           position0=start - halo))
+        outs.append(attend(q[:, rows], k_part, v_part, core_k, core_v, start))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -200,7 +227,8 @@ def cca_attention_context_parallel(q, k, v, *, mesh, group_size: int, window_siz
                                    axis_name: str = "context", batch_axes=None,
                                    head_axes=None, scale: float | None = None,
                                    chunk_size: int = DEFAULT_CHUNK_SIZE,
-                                   layout: str = "contiguous"):
+                                   layout: str = "contiguous", implementation: str = "auto",
+                                   interpret: bool = False):
     """`cca_attention` of q [B, L, H, d], k, v [B, L, Hkv, d] with the sequence split over the
     mesh axis `axis_name` (and, optionally, batch over `batch_axes`, heads over `head_axes`,
     which must then divide both H and Hkv).
@@ -209,11 +237,13 @@ def cca_attention_context_parallel(q, k, v, *, mesh, group_size: int, window_siz
     never change earlier ones) and the result sliced back. `layout="zigzag"` reorders the
     rows by `zigzag_order` before splitting and back after (balanced work; a trainer that
     keeps its tokens in that order calls `cca_attention_shard` directly). Same function as
-    `cca_attention(q, k, v, group_size=..., window_size=...)`; the XLA (blocked) engine runs
-    per shard.
+    `cca_attention(q, k, v, group_size=..., window_size=...)`; per shard the Pallas kernels
+    on a GPU, the XLA (blocked) engine elsewhere (`implementation`, `interpret` as in
+    `cca_attention_shard`).
     """
     _check_positive_int("group_size", group_size)
     _check_positive_int("window_size", window_size)
+    resolve_implementation(implementation, interpret, IMPLEMENTATIONS)
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh "
                          f"{tuple(mesh.axis_names)}")
@@ -242,12 +272,16 @@ def cca_attention_context_parallel(q, k, v, *, mesh, group_size: int, window_siz
         getattr(mesh, "axis_types", ()))
     if explicit:
         # Explicit axes: shard_map takes arrays already laid out as its in_specs say.
-        layout = jax.sharding.NamedSharding(mesh, spec)
-        q, k, v = (jax.sharding.reshard(x, layout) for x in (q, k, v))
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        q, k, v = (jax.sharding.reshard(x, sharding) for x in (q, k, v))
     body = functools.partial(cca_attention_shard, axis_name=axis_name, group_size=group_size,
                              window_size=window_size, scale=scale, chunk_size=chunk_size,
-                             layout=layout)
-    out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+                             layout=layout, implementation=implementation, interpret=interpret)
+    # The Pallas interpreter evaluates the kernels on values typed as varying over the mesh
+    # axes, which shard_map's check of varying axes rejects (jax 0.10): off for interpret mode
+    # (the collectives' transposes are the same either way; the tests compare gradients).
+    out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                        check_vma=not interpret)(q, k, v)
     if layout == "zigzag":
         out = jnp.take(out, np.argsort(order), axis=1)
     if Lp == L:

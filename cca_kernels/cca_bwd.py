@@ -17,20 +17,27 @@ Every block loop is split like the forward's: only boundary blocks, where some p
 invisible, build a mask (cca_common's segment helpers).
 Masked scores are replaced by a huge negative finite value before exp2, so masked (and padded)
 entries give p == 0 exactly and contribute nothing, and no inf/NaN can arise.
+
+A shard of a longer sequence (`Static.q_offset`, `kv_halo`, as in cca_fwd.py): the same loops
+in global positions. The dk/dv grid covers the halo's key blocks too (their gradients go back
+to the shard that owns them); a block whose keys no query of this shard sees (a halo row
+before the sequence, or one too early for every query) has an empty query loop and writes
+zeros. The dcore grid covers every core block; those past c(last query) loop over nothing.
 """
 from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cca_kernels.cca_common import (MASK_VALUE, Static, block_loops, core_blocks, core_mask, dot,
-                                iota, query_blocks_for_cores, query_blocks_for_keys,
-                                raw_key_blocks, raw_mask, row_visibility)
+                                    iota, offset_input, origins, out_struct,
+                                    query_blocks_for_cores,
+                                    query_blocks_for_keys, raw_key_blocks, raw_mask,
+                                    row_visibility, shift)
 
 
 def _probs(scores, mask, lse2):
@@ -43,6 +50,8 @@ def _probs(scores, mask, lse2):
 # --------------------------------------------------------------------------- dq
 
 def _dq_kernel(*refs, st: Static, n_core_blocks: int):
+    refs = list(refs)
+    off_ref = refs.pop(0) if st.traced_offset else None
     if st.has_core:
         (q_ref, k_ref, v_ref, ck_ref, cv_ref, do_ref, lse_ref, delta_ref, dq_ref) = refs
     else:
@@ -50,8 +59,9 @@ def _dq_kernel(*refs, st: Static, n_core_blocks: int):
     g, w = st.group_size, st.window_size
     bq, bk = st.blocks.block_q_dq, st.blocks.block_k_dq
     exact = st.exact_f32
+    q_pos0, k_pos0 = origins(st, off_ref)
 
-    m0 = pl.program_id(0) * bq
+    m0 = shift(pl.program_id(0) * bq, q_pos0)
     rows = iota(m0, bq)
     counts, first = row_visibility(rows, g, w)
     q = q_ref[...]
@@ -80,21 +90,29 @@ def _dq_kernel(*refs, st: Static, n_core_blocks: int):
     def raw_body(masked):
         def body(kb, dq):
             n0 = pl.multiple_of(kb * bk, bk)
-            mask = raw_mask(rows, first, iota(n0, bk)) if masked else None
+            mask = raw_mask(rows, first, iota(shift(n0, k_pos0), bk)) if masked else None
             return accumulate(dq, k_ref[pl.ds(n0, bk), :], v_ref[pl.ds(n0, bk), :], mask)
         return body
 
-    dq = block_loops(raw_key_blocks(m0, bq, bk, g, w), raw_body, dq)
+    dq = block_loops(raw_key_blocks(m0, bq, bk, g, w, key_start=k_pos0), raw_body, dq)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def cca_backward_dq(q, k, v, core_k, core_v, dout, lse, delta, st: Static):
+def _with_offset(st: Static, offset, in_specs, args):
+    """The traced query offset goes first, where the kernels pop it."""
+    if st.traced_offset:
+        return [offset_input(), *in_specs], [offset, *args]
+    return in_specs, args
+
+
+def cca_backward_dq(q, k, v, core_k, core_v, dout, lse, delta, st: Static, offset=None):
     B, Lp, H, Dp = q.shape
+    Lk = k.shape[1]
     bq, bk = st.blocks.block_q_dq, st.blocks.block_k_dq
     r = st.ratio
     q_block = pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0))
     row_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    full_kv = pl.BlockSpec((None, Lp, None, Dp), lambda i, b, h: (b, 0, lax.div(h, r), 0))
+    full_kv = pl.BlockSpec((None, Lk, None, Dp), lambda i, b, h: (b, 0, lax.div(h, r), 0))
     in_specs = [q_block, full_kv, full_kv]
     args = [q, k, v]
     n_core_blocks = 0
@@ -106,12 +124,13 @@ def cca_backward_dq(q, k, v, core_k, core_v, dout, lse, delta, st: Static):
         args += [core_k, core_v]
     in_specs += [q_block, row_block, row_block]
     args += [dout, lse, delta]
+    in_specs, args = _with_offset(st, offset, in_specs, args)
     return pl.pallas_call(
         functools.partial(_dq_kernel, st=st, n_core_blocks=n_core_blocks),
         grid=(Lp // bq, B, H),
         in_specs=in_specs,
         out_specs=q_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=out_struct(q.shape, q.dtype, *args),
         compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps_bwd,
                                              num_stages=st.blocks.num_stages_bwd),
         interpret=st.interpret,
@@ -121,17 +140,20 @@ def cca_backward_dq(q, k, v, core_k, core_v, dout, lse, delta, st: Static):
 
 # --------------------------------------------------------------------------- dk, dv
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                st: Static, n_q_blocks: int):
+def _dkv_kernel(*refs, st: Static, n_q_blocks: int):
+    refs = list(refs)
+    off_ref = refs.pop(0) if st.traced_offset else None
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
     g, w = st.group_size, st.window_size
     bq, bk = st.blocks.block_q_dkv, st.blocks.block_k_dkv
     exact = st.exact_f32
+    q_pos0, k_pos0 = origins(st, off_ref)
 
-    n0 = pl.program_id(0) * bk
+    n0 = shift(pl.program_id(0) * bk, k_pos0)   # position of the block's first key
     cols = iota(n0, bk)
     k = k_ref[...]
     v = v_ref[...]
-    segments = query_blocks_for_keys(n0, bk, bq, g, w, n_q_blocks)
+    segments = query_blocks_for_keys(n0, bk, bq, g, w, n_q_blocks, query_start=q_pos0)
 
     def head_body(head, carry):
         def query_body(masked):
@@ -144,7 +166,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                 delta = delta_ref[head, pl.ds(m0, bq)]
                 mask = None
                 if masked:
-                    rows = iota(m0, bq)
+                    rows = iota(shift(m0, q_pos0), bq)
                     mask = raw_mask(rows, row_visibility(rows, g, w)[1], cols)
                 scores = dot(q, k, trans_b=True, exact=exact) * st.qk_scale
                 p = _probs(scores, mask, lse2)
@@ -163,36 +185,41 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def cca_backward_dkv(q, k, v, dout, lse, delta, st: Static):
+def cca_backward_dkv(q, k, v, dout, lse, delta, st: Static, offset=None):
     B, Lp, H, Dp = q.shape
-    Hkv = k.shape[2]
+    Lk, Hkv = k.shape[1], k.shape[2]
     r = st.ratio
     bq, bk = st.blocks.block_q_dkv, st.blocks.block_k_dkv
     # All r query heads of KV head `hk` (heads hk * r .. hk * r + r - 1), whole sequence.
     group_q = pl.BlockSpec((None, Lp, r, Dp), lambda j, b, hk: (b, 0, hk, 0))
     group_rows = pl.BlockSpec((None, r, Lp), lambda j, b, hk: (b, hk, 0))
     kv_block = pl.BlockSpec((None, bk, None, Dp), lambda j, b, hk: (b, j, hk, 0))
+    in_specs, args = _with_offset(st, offset,
+                                  [group_q, kv_block, kv_block, group_q, group_rows, group_rows],
+                                  [q, k, v, dout, lse, delta])
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, n_q_blocks=Lp // bq),
-        grid=(Lp // bk, B, Hkv),
-        in_specs=[group_q, kv_block, kv_block, group_q, group_rows, group_rows],
+        grid=(Lk // bk, B, Hkv),
+        in_specs=in_specs,
         out_specs=[kv_block, kv_block],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[out_struct(k.shape, k.dtype, *args), out_struct(v.shape, v.dtype, *args)],
         compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps_bwd,
                                              num_stages=st.blocks.num_stages_bwd),
         interpret=st.interpret,
         name="cca_backward_dkv",
-    )(q, k, v, dout, lse, delta)
+    )(*args)
 
 
 # --------------------------------------------------------------------------- dcore_k, dcore_v
 
-def _dcore_kernel(q_ref, ck_ref, cv_ref, do_ref, lse_ref, delta_ref, dck_ref, dcv_ref, *,
-                  st: Static, n_q_blocks: int):
+def _dcore_kernel(*refs, st: Static, n_q_blocks: int):
+    refs = list(refs)
+    off_ref = refs.pop(0) if st.traced_offset else None
+    q_ref, ck_ref, cv_ref, do_ref, lse_ref, delta_ref, dck_ref, dcv_ref = refs
     g, w = st.group_size, st.window_size
     bq, bc = st.blocks.block_q_dkv, st.blocks.block_k_dkv
     exact = st.exact_f32
+    q_pos0, _ = origins(st, off_ref)
 
     j0 = pl.program_id(0) * bc
     cols = iota(j0, bc)
@@ -207,7 +234,8 @@ def _dcore_kernel(q_ref, ck_ref, cv_ref, do_ref, lse_ref, delta_ref, dck_ref, dc
             do = do_ref[pl.ds(m0, bq), :]
             lse2 = lse_ref[pl.ds(m0, bq)]
             delta = delta_ref[pl.ds(m0, bq)]
-            mask = core_mask(row_visibility(iota(m0, bq), g, w)[0], cols) if masked else None
+            mask = (core_mask(row_visibility(iota(shift(m0, q_pos0), bq), g, w)[0], cols)
+                    if masked else None)
             scores = dot(q, kc, trans_b=True, exact=exact) * st.qk_scale
             p = _probs(scores, mask, lse2)
             dvc = dvc + dot(p.astype(do.dtype), do, trans_a=True, exact=exact)
@@ -218,28 +246,31 @@ def _dcore_kernel(q_ref, ck_ref, cv_ref, do_ref, lse_ref, delta_ref, dck_ref, dc
         return body
 
     zeros = jnp.zeros(kc.shape, jnp.float32)
-    segments = query_blocks_for_cores(j0, bc, bq, g, w, n_q_blocks)
+    segments = query_blocks_for_cores(j0, bc, bq, g, w, n_q_blocks, query_start=q_pos0)
     dkc, dvc = block_loops(segments, query_body, (zeros, zeros))
     dck_ref[...] = (dkc * st.scale).astype(dck_ref.dtype)
     dcv_ref[...] = dvc.astype(dcv_ref.dtype)
 
 
-def cca_backward_dcore(q, core_k, core_v, dout, lse, delta, st: Static):
+def cca_backward_dcore(q, core_k, core_v, dout, lse, delta, st: Static, offset=None):
     B, Lp, H, Dp = q.shape
     Cp = core_k.shape[1]
     bq, bc = st.blocks.block_q_dkv, st.blocks.block_k_dkv
     full_q = pl.BlockSpec((None, Lp, None, Dp), lambda j, b, h: (b, 0, h, 0))
     full_rows = pl.BlockSpec((None, None, Lp), lambda j, b, h: (b, h, 0))
     core_block = pl.BlockSpec((None, bc, None, Dp), lambda j, b, h: (b, j, h, 0))
+    in_specs, args = _with_offset(st, offset,
+                                  [full_q, core_block, core_block, full_q, full_rows, full_rows],
+                                  [q, core_k, core_v, dout, lse, delta])
     return pl.pallas_call(
         functools.partial(_dcore_kernel, st=st, n_q_blocks=Lp // bq),
         grid=(Cp // bc, B, H),
-        in_specs=[full_q, core_block, core_block, full_q, full_rows, full_rows],
+        in_specs=in_specs,
         out_specs=[core_block, core_block],
-        out_shape=[jax.ShapeDtypeStruct(core_k.shape, core_k.dtype),
-                   jax.ShapeDtypeStruct(core_v.shape, core_v.dtype)],
+        out_shape=[out_struct(core_k.shape, core_k.dtype, *args),
+                   out_struct(core_v.shape, core_v.dtype, *args)],
         compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps_bwd,
                                              num_stages=st.blocks.num_stages_bwd),
         interpret=st.interpret,
         name="cca_backward_dcore",
-    )(q, core_k, core_v, dout, lse, delta)
+    )(*args)

@@ -5,6 +5,14 @@ built from `visible_core_count`, never re-derived:
 
 - core token j is visible to query m iff j < c(m);
 - raw key n is visible to query m iff c(m) * g <= n <= m.
+
+Positions are global. The whole sequence (the default) has query row t and key row t both at
+position t. A shard of a longer sequence (`Static.q_offset` / `kv_halo`, cca_jax.context)
+has query row t at position q0 + t and key row i at position k0 + i with k0 = q0 - kv_halo:
+the keys are [halo ; the queries' own keys]. Halo rows at negative positions (before the
+sequence) are never visible, since c(m) * g >= 0; the block loops below skip them. The loop
+helpers take the origin of the other axis (`key_start` / `query_start`): None for the whole
+sequence (the original formulas, unchanged), else an int or a traced int32 scalar.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
 
 from cca_kernels.visibility import visible_core_count
 
@@ -166,6 +175,21 @@ class Static:
     blocks: BlockSizes
     interpret: bool
     exact_f32: bool       # float32 dots at full precision (IEEE on Triton), else TF32
+    # Global position of query row 0: an int baked into the kernels, or None: traced, read
+    # from an int32[16] input (every entry equal) that the kernels then take.
+    q_offset: int | None = 0
+    # Key rows before query row 0's own key (the halo, padded to a multiple of every tile):
+    # key row i is position q_offset - kv_halo + i.
+    kv_halo: int = 0
+
+    @property
+    def whole_sequence(self) -> bool:
+        """Queries and keys both start at position 0: the kernels' original code."""
+        return self.q_offset == 0 and self.kv_halo == 0
+
+    @property
+    def traced_offset(self) -> bool:
+        return self.q_offset is None
 
     @property
     def qk_scale(self) -> float:
@@ -180,6 +204,40 @@ def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, exact: bool = Fal
     precision = lax.Precision.HIGHEST if (exact and a.dtype == jnp.float32) else None
     return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                            precision=precision, preferred_element_type=jnp.float32)
+
+
+def origins(st: Static, offset_ref):
+    """(position of query row 0, position of key row 0) inside a kernel; (None, None) for the
+    whole sequence, so that the kernels keep their original code there."""
+    if st.whole_sequence:
+        return None, None
+    q0 = jnp.max(offset_ref[...]) if st.traced_offset else st.q_offset
+    return q0, q0 - st.kv_halo
+
+
+def out_struct(shape, dtype, *inputs):
+    """The ShapeDtypeStruct of a kernel output. Inside `jax.shard_map` (which checks how values
+    vary over its manual mesh axes) an output varies over every axis some input varies over:
+    a shard's output, lse and gradients are its own."""
+    types = [jax.typeof(x) for x in inputs]
+    if all(hasattr(t, "mat") for t in types):            # jax 0.10: manual axis types
+        mat = types[0].mat
+        varying = frozenset().union(*(t.mat.varying for t in types))
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(mat)(varying=varying))
+    if all(hasattr(t, "vma") for t in types):            # earlier: varying manual axes
+        return jax.ShapeDtypeStruct(shape, dtype,
+                                    vma=frozenset().union(*(t.vma for t in types)))
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def offset_input():
+    """BlockSpec of the traced query offset, int32[16] (a Triton-friendly tile), any grid."""
+    return pl.BlockSpec((16,), lambda *_: (0,))
+
+
+def shift(x, origin):
+    """Row index -> position: x + origin (x itself when origin is None)."""
+    return x if origin is None else x + origin
 
 
 def iota(start, size: int):
@@ -216,14 +274,29 @@ def _clamp(x, lo, hi):
 # (query, key) pair, in order, and in every segment with masked=False each pair is visible,
 # so those blocks skip the mask. tests/kernels checks both claims by brute force.
 
-def raw_key_blocks(m0, block_q: int, block_k: int, g: int, w: int):
-    """Raw key blocks for the queries m0 .. m1 = m0 + block_q - 1.
+def _nonneg(x):
+    return jnp.maximum(x, 0)
+
+
+def raw_key_blocks(m0, block_q: int, block_k: int, g: int, w: int, key_start=None):
+    """Raw key blocks for the queries at positions m0 .. m1 = m0 + block_q - 1.
 
     The union of their raw windows is the contiguous range [c(m0) * g, m1] (c is
     non-decreasing and every query sees itself). A block is fully visible iff its first key is
-    >= c(m1) * g and its last key is <= m0.
+    >= c(m1) * g and its last key is <= m0. Key block kb holds the positions
+    key_start + kb * block_k ...; key_start None: 0, the whole sequence. The keys must hold
+    every key the queries see (key_start <= c(m0) * g, and m1 among them).
     """
     m1 = m0 + block_q - 1
+    if key_start is not None:
+        # Numerators clamped at 0, so lax.div (truncating) is the floor; a clamped one only
+        # meets the clamp of its result, which it would get anyway.
+        lo = lax.div(_nonneg(visible_core_count(m0, g, w) * g - key_start), block_k)
+        hi = lax.div(m1 - key_start, block_k) + 1
+        a = _clamp(_cdiv(_nonneg(visible_core_count(m1, g, w) * g - key_start), block_k),
+                   lo, hi)
+        b = _clamp(lax.div(m0 + 1 - key_start, block_k), a, hi)
+        return (lo, a, True), (a, b, False), (b, hi, True)
     lo = lax.div(visible_core_count(m0, g, w) * g, block_k)
     hi = lax.div(m1, block_k) + 1
     a = _clamp(_cdiv(visible_core_count(m1, g, w) * g, block_k), lo, hi)
@@ -244,11 +317,26 @@ def _last_query_of_key(n, g: int, w: int):
     return (lax.div(n, g) + 1) * g + (w - 2)
 
 
-def query_blocks_for_keys(n0, block_k: int, block_q: int, g: int, w: int, n_q_blocks: int):
+def query_blocks_for_keys(n0, block_k: int, block_q: int, g: int, w: int, n_q_blocks: int,
+                          query_start=None):
     """Query blocks that see the raw keys n0 .. n1 = n0 + block_k - 1: queries n0 .. last(n1)
     (each of them sees key min(m, n1)). Fully visible: first query >= n1 and last query
-    <= last(n0)."""
+    <= last(n0). Query block qb holds the positions query_start + qb * block_q ...;
+    query_start None: 0, the whole sequence (then n0 >= 0). A key at a negative position
+    (a halo row before the sequence) is seen by no query."""
     n1 = n0 + block_k - 1
+    if query_start is not None:
+        # floor((x - query_start) / block_q) + 1 == div(x - query_start + block_q, block_q)
+        # for x - query_start >= -block_q; below that the block range is empty anyway.
+        last1 = _last_query_of_key(_nonneg(n1), g, w)
+        hi = jnp.minimum(lax.div(_nonneg(last1 - query_start + block_q), block_q), n_q_blocks)
+        hi = jnp.where(n1 >= 0, hi, 0)
+        lo = jnp.minimum(lax.div(_nonneg(n0 - query_start), block_q), hi)
+        a = _clamp(_cdiv(_nonneg(n1 - query_start), block_q), lo, hi)
+        last0 = _last_query_of_key(_nonneg(n0), g, w)
+        b = jnp.where(n0 >= 0, _clamp(lax.div(_nonneg(last0 + 1 - query_start), block_q), a, hi),
+                      a)
+        return (lo, a, True), (a, b, False), (b, hi, True)
     lo = lax.div(n0, block_q)
     hi = jnp.minimum(lax.div(_last_query_of_key(n1, g, w), block_q) + 1, n_q_blocks)
     a = _clamp(_cdiv(n1, block_q), lo, hi)
@@ -256,10 +344,18 @@ def query_blocks_for_keys(n0, block_k: int, block_q: int, g: int, w: int, n_q_bl
     return (lo, a, True), (a, b, False), (b, hi, True)
 
 
-def query_blocks_for_cores(j0, block_c: int, block_q: int, g: int, w: int, n_q_blocks: int):
+def query_blocks_for_cores(j0, block_c: int, block_q: int, g: int, w: int, n_q_blocks: int,
+                           query_start=None):
     """Query blocks that see core tokens j0 .. j1 = j0 + block_c - 1: from the first query with
     c(m) > j0, i.e. m >= (j0 + 1) * g + w - 1, to the end; fully visible from the first query
-    with c(m) > j1."""
+    with c(m) > j1. Query block qb holds the positions query_start + qb * block_q ...
+    (None: 0)."""
+    if query_start is not None:
+        lo = jnp.minimum(lax.div(_nonneg((j0 + 1) * g + (w - 1) - query_start), block_q),
+                         n_q_blocks)
+        a = _clamp(_cdiv(_nonneg((j0 + block_c) * g + (w - 1) - query_start), block_q), lo,
+                   n_q_blocks)
+        return (lo, a, True), (a, n_q_blocks, False)
     lo = jnp.minimum(lax.div((j0 + 1) * g + (w - 1), block_q), n_q_blocks)
     a = _clamp(_cdiv((j0 + block_c) * g + (w - 1), block_q), lo, n_q_blocks)
     return (lo, a, True), (a, n_q_blocks, False)

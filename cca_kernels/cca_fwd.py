@@ -23,19 +23,26 @@ the values hold a non-finite number at all: the wrapper passes one flag (any non
 in v or core_v, one pass over them) and each program branches once on it, into one of two
 copies of its loops. Without a non-finite value the bookkeeping changes nothing, so both
 copies give the same bits.
+
+A shard of a longer sequence (`Static.q_offset`, `kv_halo`; cca_jax.context): query row t is
+position q0 + t, key row i position q0 - kv_halo + i. The loops are the same, in global
+positions: the core blocks up to c(last row), the raw key rows from the one at c(first row)
+* g to the one at the last row: about (w + g + BM) / BN raw blocks whatever the halo holds,
+none of them at a negative (dummy) position. The whole sequence (q0 = kv_halo = 0) keeps the
+original code (cca_common.origins gives None there).
 """
 from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cca_kernels.cca_common import (LOG2E, MASK_VALUE, Static, block_loops, core_blocks, core_mask,
-                                dot, iota, raw_key_blocks, raw_mask, row_visibility)
+                                    dot, iota, offset_input, origins, out_struct, raw_key_blocks, raw_mask,
+                                    row_visibility, shift)
 
 
 def _nonfinite_bookkeeping(mask, seen, values):
@@ -65,16 +72,20 @@ def _online_softmax_step(carry, scores, mask, values, exact, bookkeeping):
 
 
 def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
+    refs = list(refs)
+    flag_ref = refs.pop(0)
+    off_ref = refs.pop(0) if st.traced_offset else None
     if st.has_core:
-        flag_ref, q_ref, k_ref, v_ref, ck_ref, cv_ref, o_ref, lse_ref = refs
+        q_ref, k_ref, v_ref, ck_ref, cv_ref, o_ref, lse_ref = refs
     else:
-        flag_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     nonfinite = jnp.max(flag_ref[...]) > 0
     g, w = st.group_size, st.window_size
     bq, bk = st.blocks.block_q, st.blocks.block_k
     exact = st.exact_f32
+    q_pos0, k_pos0 = origins(st, off_ref)   # None, None: the whole sequence
 
-    m0 = pl.program_id(0) * bq
+    m0 = shift(pl.program_id(0) * bq, q_pos0)   # position of the block's first query
     rows = iota(m0, bq)
     counts, first = row_visibility(rows, g, w)   # c(m) and c(m) * g per row
     q = q_ref[...]
@@ -105,11 +116,12 @@ def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
                 kr = k_ref[pl.ds(n0, bk), :]
                 vr = v_ref[pl.ds(n0, bk), :]
                 scores = dot(q, kr, trans_b=True, exact=exact) * st.qk_scale
-                mask = raw_mask(rows, first, iota(n0, bk)) if masked else None
+                mask = raw_mask(rows, first, iota(shift(n0, k_pos0), bk)) if masked else None
                 return _online_softmax_step(carry, scores, mask, vr, exact, bookkeeping)
             return body
 
-        return block_loops(raw_key_blocks(m0, bq, bk, g, w), raw_body, carry)
+        return block_loops(raw_key_blocks(m0, bq, bk, g, w, key_start=k_pos0), raw_body,
+                           carry)
 
     # One branch per program, two copies of the loops: the boundary blocks' bookkeeping only
     # where some value is non-finite (a branch inside every boundary block cost 7-12% more).
@@ -121,17 +133,19 @@ def _fwd_kernel(*refs, st: Static, n_core_blocks: int):
     lse_ref[...] = m_i + jnp.log(l_i) * LOG2E
 
 
-def cca_forward(q, k, v, core_k, core_v, st: Static):
-    """Padded inputs: q [B, Lp, H, Dp], k/v [B, Lp, Hkv, Dp], core [B, Cp, H, Dp].
+def cca_forward(q, k, v, core_k, core_v, st: Static, offset=None):
+    """Padded inputs: q [B, Lp, H, Dp], k/v [B, kv_halo + Lp, Hkv, Dp], core [B, Cp, H, Dp];
+    offset: the int32[16] query offset when it is traced (st.q_offset None), else None.
 
     Returns (out [B, Lp, H, Dp] in q.dtype, lse2 [B, H, Lp] float32).
     """
     B, Lp, H, Dp = q.shape
+    Lk = k.shape[1]
     bq, bk = st.blocks.block_q, st.blocks.block_k
     r = st.ratio
     n_core_blocks = core_k.shape[1] // bk if st.has_core else 0
 
-    full_kv = pl.BlockSpec((None, Lp, None, Dp), lambda i, b, h: (b, 0, lax.div(h, r), 0))
+    full_kv = pl.BlockSpec((None, Lk, None, Dp), lambda i, b, h: (b, 0, lax.div(h, r), 0))
     q_block = pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0))
     # One int32 flag (a 16-wide vector: a Triton-friendly tile): does any value that a
     # boundary block can hold fail isfinite?
@@ -139,8 +153,13 @@ def cca_forward(q, k, v, core_k, core_v, st: Static):
     if st.has_core:
         nonfinite = nonfinite | ~jnp.isfinite(core_v).all()
     flag = jnp.broadcast_to(nonfinite.astype(jnp.int32), (16,))
-    in_specs = [pl.BlockSpec((16,), lambda i, b, h: (0,)), q_block, full_kv, full_kv]
-    args = [flag, q, k, v]
+    in_specs = [pl.BlockSpec((16,), lambda i, b, h: (0,))]
+    args = [flag]
+    if st.traced_offset:
+        in_specs.append(offset_input())
+        args.append(offset)
+    in_specs += [q_block, full_kv, full_kv]
+    args += [q, k, v]
     if st.has_core:
         Cp = core_k.shape[1]
         full_core = pl.BlockSpec((None, Cp, None, Dp), lambda i, b, h: (b, 0, h, 0))
@@ -154,8 +173,8 @@ def cca_forward(q, k, v, core_k, core_v, st: Static):
         in_specs=in_specs,
         out_specs=[q_block,
                    pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, H, Lp), jnp.float32)],
+        out_shape=[out_struct(q.shape, q.dtype, *args),
+                   out_struct((B, H, Lp), jnp.float32, *args)],
         compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps,
                                              num_stages=st.blocks.num_stages),
         interpret=st.interpret,

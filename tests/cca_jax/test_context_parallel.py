@@ -2,7 +2,8 @@
 unsharded op, forward (float32, 1e-5 relative) and q/k/v gradients (1e-4), for GQA, ragged
 lengths (padded to whole groups per shard), w % g != 0, a halo longer than a shard (several
 hops), g = w = 1, the sequence axis composed with a batch axis, in the contiguous and the
-balanced (zigzag) layouts. The sharded runs need 8
+balanced (zigzag) layouts, with the blocked engine and (interpret mode) the Pallas kernels
+per shard. The sharded runs need 8
 CPU devices, which must be set before jax starts: they run in one child process."""
 from __future__ import annotations
 
@@ -42,9 +43,11 @@ SCRIPT = textwrap.dedent('''
         dout = jax.random.normal(keys[3], (B, L, H, d))
         plain = lambda q, k, v: cca_attention(q, k, v, group_size=g, window_size=w,
                                               implementation="xla")
+        impl = case.get("impl", "xla")
         sharded = lambda q, k, v: cca_attention_context_parallel(
             q, k, v, mesh=mesh, group_size=g, window_size=w, batch_axes=batch,
-            chunk_size=case["chunk"], layout=case.get("layout", "contiguous"))
+            chunk_size=case["chunk"], layout=case.get("layout", "contiguous"),
+            implementation=impl, interpret=impl == "pallas")
         loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * dout))
         want, got = plain(q, k, v), jax.jit(sharded)(q, k, v)
         want_g = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
@@ -79,6 +82,15 @@ CASES = [
      "seed": 7, "layout": "zigzag"},                            # halo 44 > piece 8: 6 hops
     {"shape": [4, 200, 4, 2, 8, 8, 24], "mesh": [[2, 4], ["data", "context"]], "chunk": 16,
      "seed": 8, "layout": "zigzag"},
+    # The Pallas kernels per shard (interpret mode: tiny shapes), their traced query offset.
+    {"shape": [1, 128, 2, 1, 8, 4, 8], "mesh": [[8], ["context"]], "chunk": 16,
+     "seed": 9, "impl": "pallas"},                              # GQA, halo 12 < shard 16
+    {"shape": [1, 61, 2, 1, 8, 4, 21], "mesh": [[8], ["context"]], "chunk": 16,
+     "seed": 10, "impl": "pallas"},                             # ragged, w % g, 3 hops
+    {"shape": [1, 128, 2, 2, 8, 4, 10], "mesh": [[8], ["context"]], "chunk": 16,
+     "seed": 11, "impl": "pallas", "layout": "zigzag"},         # halo 12 > piece 8
+    {"shape": [1, 61, 2, 1, 8, 4, 21], "mesh": [[8], ["context"]], "chunk": 16,
+     "seed": 12, "impl": "pallas", "layout": "zigzag"},         # ragged, w % g, 6 hops
 ]
 
 
@@ -94,24 +106,33 @@ def test_halo_length_is_w_plus_g_minus_2_in_whole_groups():
         halo_length(4, 1.5)
 
 
-def test_sharded_equals_unsharded_forward_and_gradients():
+def _check_sharded_equals_unsharded(cases):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == len(CASES)
-    for case, got in zip(CASES, results):
+    assert len(results) == len(cases)
+    for case, got in zip(cases, results):
         assert got["forward"] < 1e-5, (case, got)
         assert max(got["grads"]) < 1e-4, (case, got)
         # Core tokens travel by all-gather; halos by ppermute (none when the halo is empty).
         assert got["all_gathers"] >= 2, (case, got)
         g, w = case["shape"][5:]
         assert (got["permutes"] > 0) == (halo_length(g, w) > 0), (case, got)
+
+
+def test_sharded_equals_unsharded_forward_and_gradients():
+    _check_sharded_equals_unsharded([c for c in CASES if c.get("impl", "xla") == "xla"])
+
+
+def test_sharded_pallas_kernels_equal_unsharded():
+    """The kernels per shard, in interpret mode (about a minute on 2 CPU cores)."""
+    _check_sharded_equals_unsharded([c for c in CASES if c.get("impl") == "pallas"])
 
 
 def test_zigzag_order_and_the_balance_it_buys():
@@ -157,3 +178,59 @@ def test_bad_arguments_are_named_before_any_compute():
     with pytest.raises(ValueError, match="layout"):
         cca_attention_context_parallel(q, q, q, mesh=mesh, group_size=4, window_size=8,
                                        layout="striped")
+    with pytest.raises(ValueError, match="implementation"):
+        cca_attention_context_parallel(q, q, q, mesh=mesh, group_size=4, window_size=8,
+                                       implementation="reference")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="interpret=True"):
+            cca_attention_context_parallel(q, q, q, mesh=mesh, group_size=4, window_size=8,
+                                           implementation="pallas")
+        with pytest.raises(ValueError, match="interpret=True only"):
+            cca_attention_context_parallel(q, q, q, mesh=mesh, group_size=4, window_size=8,
+                                           interpret=True)
+
+
+def _cuda_lowering_available() -> bool:
+    import jax
+    import jax.numpy as jnp
+    try:
+        jax.jit(lambda x: x + 1).trace(jnp.zeros(4)).lower(lowering_platforms=("cuda",))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("layout,axis_type,kernels", [("contiguous", "Auto", 4),
+                                                      ("zigzag", "Auto", 8),
+                                                      ("contiguous", "Explicit", 4)])
+def test_gpu_path_lowers_to_the_kernels(layout, axis_type, kernels, monkeypatch):
+    """On a GPU the op runs the Pallas kernels per shard with the shard's traced query offset
+    (4 per piece: forward, dq, dk/dv, dcore), under shard_map's check of varying axes: the
+    gradient of the op lowered for 8 abstract H100s (the Triton compilation needs a GPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cca_jax import context
+    from cca_kernels import cca_common
+    if not _cuda_lowering_available():
+        pytest.skip("no CUDA cross-lowering here")
+    monkeypatch.setattr(cca_common, "_device_kind", lambda: "nvidia h100 80gb hbm3")
+    # What "auto" resolves to on a GPU.
+    monkeypatch.setattr(context, "resolve_implementation", lambda *a: "pallas")
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                       platform="cuda")
+    mesh = jax.sharding.AbstractMesh((8,), ("context",), abstract_device=h100,
+                                     axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    q = jax.ShapeDtypeStruct((1, 4096, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 4096, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = context.cca_attention_context_parallel(q, k, v, mesh=mesh, group_size=16,
+                                                     window_size=300, layout=layout)
+        return out.astype(jnp.float32).sum()
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == kernels
+    assert text.count("all_gather") >= 2 and text.count("collective_permute") > 0

@@ -14,27 +14,8 @@ from cca_jax.reference import cca_reference
 from cca_kernels import cca_common
 from cca_kernels.cca_attention import BlockSizes, cca_attention_pallas
 from cca_kernels.visibility import visible_core_count
-from tests.cca_kernels.pallas_helpers import SMALL, pallas_cca
+from tests.cca_kernels.pallas_helpers import SMALL, dense_given_core, pallas_cca
 from tests.conftest import golden_cases, random_qkv, relative_error, value_and_grads
-
-
-def _dense_given_core(q, k, v, core_k, core_v, g, w, scale):
-    """docs/cca.md §3 with the core tokens given (any C >= c(L - 1)), dense, float32."""
-    hi = jax.lax.Precision.HIGHEST
-    L, H = q.shape[1], q.shape[2]
-    r = H // k.shape[2]
-    C = core_k.shape[1]
-    k_rep, v_rep = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
-    m = jnp.arange(L)
-    c = visible_core_count(m, g, w)
-    cmask = jnp.arange(C)[None, :] < c[:, None]
-    rmask = (m[None, :] >= c[:, None] * g) & (m[None, :] <= m[:, None])
-    cs = jnp.einsum("bmhd,bjhd->bhmj", q, core_k, precision=hi) * scale
-    rs = jnp.einsum("bmhd,bnhd->bhmn", q, k_rep, precision=hi) * scale
-    p = jax.nn.softmax(jnp.concatenate([jnp.where(cmask, cs, -jnp.inf),
-                                        jnp.where(rmask, rs, -jnp.inf)], -1), -1)
-    return (jnp.einsum("bhmj,bjhd->bmhd", p[..., :C], core_v, precision=hi)
-            + jnp.einsum("bhmn,bnhd->bmhd", p[..., C:], v_rep, precision=hi))
 
 
 @pytest.mark.parametrize("B,L,H,Hkv,d,g,w,all_groups", [
@@ -52,7 +33,7 @@ def test_core_token_gradients(B, L, H, Hkv, d, g, w, all_groups):
     scale = 0.3
     kernel = lambda *a: cca_attention_pallas(*a, group_size=g, window_size=w,  # noqa: E731
                                              scale=scale, interpret=True, block_sizes=SMALL)
-    reference = lambda *a: _dense_given_core(*a, g, w, scale)  # noqa: E731
+    reference = lambda *a: dense_given_core(*a, g, w, scale)  # noqa: E731
 
     @functools.partial(jax.jit, static_argnums=0)
     def value_and_grads(fn, *args):
