@@ -306,8 +306,9 @@ class CCAAttention(nnx.Module):
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim)), cache
 
     def _context_attend(self, q, k, v, *, axis_name: str):
-        """CCA of one sequence shard (context parallelism): contiguous shards in order, each
-        a whole number of groups (`cca_jax.context.cca_attention_shard`)."""
+        """CCA of one sequence shard (context parallelism, `cca_jax.context.cca_attention_shard`
+        in the current `sequence_layout`): the Pallas kernels on a GPU ("auto"), the blocked
+        XLA engine elsewhere."""
         from cca_jax.context import cca_attention_shard
 
         shard, g = q.shape[1], self.cca.group_size
@@ -322,8 +323,12 @@ class CCAAttention(nnx.Module):
                 f"{'2 x ' if pieces == 2 else ''}group_size {g}; use a sequence length that "
                 f"is a multiple of {'2 x ' if pieces == 2 else ''}group_size x the context "
                 "axis")
+        # The dense reference has no per-shard form: its shards run the blocked engine.
+        implementation = self.cca.implementation
+        implementation = "xla" if implementation == "reference" else implementation
         return cca_attention_shard(q, k, v, axis_name=axis_name, group_size=g,
-                                   window_size=self.cca.window_size, layout=layout)
+                                   window_size=self.cca.window_size, layout=layout,
+                                   implementation=implementation)
 
     def _attend(self, q, k, v):
         if self.attention == "cca":
