@@ -86,8 +86,7 @@ def main(argv=None) -> int:
     tx, _ = make_optimizer(1e-4, 0, 1.0, 0.0)
     factory = ModelFactory(abstract)
 
-    def build(sizes):
-        mesh = make_mesh(sizes)
+    def build(mesh):
         rules, _ = rules_for(config, mesh)
         p_sh = param_shardings(params, logical_axes_of(abstract), mesh, rules)
         o_sh = state_shardings(jax.eval_shape(tx.init, params), p_sh, mesh)
@@ -113,7 +112,7 @@ def main(argv=None) -> int:
     sizes = (1, 1, 1, args.devices)
     print(f"{describe_mesh(sizes)}; {n_params:,} parameters, one sequence of "
           f"{args.length:,} tokens, g={args.group_size}, w={args.window_size}", flush=True)
-    mesh, rules, p_sh, o_sh, b_sh, step = build(sizes)
+    mesh, rules, p_sh, o_sh, b_sh, step = build(make_mesh(sizes))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         placed = jax.device_put(params, p_sh)
         opt = jax.jit(tx.init, out_shardings=o_sh)(placed)
@@ -143,13 +142,8 @@ def main(argv=None) -> int:
         resource.RUSAGE_SELF).ru_maxrss * 1024
     if not args.no_single:
         devices = np.array(jax.devices()[:1]).reshape(1, 1, 1, 1)
-        single = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor", "context"))
-        rules1, _ = rules_for(config, single)
-        p1 = param_shardings(params, logical_axes_of(abstract), single, rules1)
-        o1 = state_shardings(jax.eval_shape(tx.init, params), p1, single)
-        b1 = NamedSharding(single, P(None, None, None))
-        step1 = make_train_step(factory, tx, chunk=args.loss_chunk, param_shardings=p1,
-                                opt_shardings=o1, batch_sharding=b1, mesh=single)
+        single, rules1, p1, o1, b1, step1 = build(
+            jax.sharding.Mesh(devices, ("data", "fsdp", "tensor", "context")))
         with jax.set_mesh(single), nnx.logical_axis_rules(rules1):
             shapes = (jax.eval_shape(lambda: params), jax.eval_shape(tx.init, params),
                       jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
