@@ -147,7 +147,7 @@ def test_mesh_that_does_not_fit(tiny, tmp_path, capsys):
                     "--mesh", f"{n + 2}x1"],
            f"--mesh {n + 2}x1 needs {n + 2} devices, but {n} are available")
     _fails(capsys, ["--model", tiny.model, "--data", *tiny.train, "--out", tmp_path / "o",
-                    "--mesh", "4"], "DxT or DxFxT")
+                    "--mesh", "4"], "DxT, DxFxT, DxFxTxC or AXIS=N")
 
 
 def test_batch_must_split_over_the_mesh(tiny, tmp_path, capsys, monkeypatch):
