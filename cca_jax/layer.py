@@ -36,13 +36,30 @@ def partitioned(initializer, logical_axes: tuple[str | None, ...]):
     return nnx.with_partitioning(initializer, tuple(logical_axes), eager_sharding=False)
 
 
-def _mesh_axes_for(rules: dict, logical: str, mesh, size: int) -> tuple[str, ...]:
-    """Mesh axes (of size > 1) that `logical` maps to, if they divide `size`; else ()."""
+def _active_mesh_and_rules():
+    """(the mesh set with `jax.set_mesh`, the `nnx.logical_axis_rules` as a dict), or
+    (None, {}) when either is missing: then nothing is split."""
+    from flax.core import spmd as flax_spmd
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = dict(flax_spmd.get_logical_axis_rules())
+    if mesh is None or mesh.empty or not rules:
+        return None, {}
+    return mesh, rules
+
+
+def _mapped_axes(rules: dict, logical: str, mesh) -> tuple[str, ...]:
+    """Mesh axes of size > 1 that the rules map `logical` to."""
     target = rules.get(logical)
     if target is None:
         return ()
     names = (target,) if isinstance(target, str) else tuple(target)
-    names = tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+    return tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+
+
+def _mesh_axes_for(rules: dict, logical: str, mesh, size: int) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) that `logical` maps to, if they divide `size`; else ()."""
+    names = _mapped_axes(rules, logical, mesh)
     total = math.prod(mesh.shape[n] for n in names)
     return names if names and size % total == 0 else ()
 
@@ -93,15 +110,8 @@ def context_axis(q_length: int | None = None) -> str | None:
     (`nnx.logical_axis_rules`) that map the logical axis "length" to one mesh axis of size
     > 1, as `train/sharding.py` maps it to "context". With `q_length`, a length that the axis
     does not divide is an error rather than a silently unsplit sequence."""
-    from flax.core import spmd as flax_spmd
-
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = dict(flax_spmd.get_logical_axis_rules())
-    if mesh is None or mesh.empty or not rules or rules.get("length") is None:
-        return None
-    target = rules["length"]
-    names = (target,) if isinstance(target, str) else tuple(target)
-    names = tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+    mesh, rules = _active_mesh_and_rules()
+    names = _mapped_axes(rules, "length", mesh) if mesh is not None else ()
     if not names:
         return None
     if len(names) > 1:
@@ -128,11 +138,8 @@ def constrain_sequence(x):
     axis = context_axis(x.shape[1])
     if axis is None:
         return x
-    from flax.core import spmd as flax_spmd
-
-    mesh = jax.sharding.get_abstract_mesh()
-    batch = _mesh_axes_for(dict(flax_spmd.get_logical_axis_rules()), "batch", mesh,
-                           x.shape[0])
+    mesh, rules = _active_mesh_and_rules()
+    batch = _mesh_axes_for(rules, "batch", mesh, x.shape[0])
     spec = jax.sharding.PartitionSpec(batch or None, axis, *([None] * (x.ndim - 2)))
     return jax.lax.with_sharding_constraint(x, spec)
 
@@ -155,11 +162,8 @@ def attention_per_shard(attend, q, k, v, *, context_attend=None):
     its shard_map leaves the length whole, so the partitioner gathers the sequence first.
     Without a mesh, or when no axis would be split, `attend` is called directly.
     """
-    from flax.core import spmd as flax_spmd
-
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = dict(flax_spmd.get_logical_axis_rules())
-    if mesh is None or mesh.empty or not rules:
+    mesh, rules = _active_mesh_and_rules()
+    if mesh is None:
         return attend(q, k, v)
     batch = _mesh_axes_for(rules, "batch", mesh, q.shape[0])
     heads = _mesh_axes_for(rules, "heads", mesh, q.shape[2])
