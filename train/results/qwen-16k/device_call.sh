@@ -41,5 +41,5 @@ tail -n 3 "$WORK/logs/pipeline.log" 2>/dev/null
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 # What comes back: the results so far (evaluations, fine-tune metrics, commands, logs).
 cd "$WORK" && tar -czf "$OUT/snapshot.tar.gz" progress.log logs quality/commands.sh \
-    quality/eval $(ls -d quality/finetune-*/*.jsonl 2>/dev/null) data/manifest.json \
+    quality/reach.json quality/eval $(ls -d quality/finetune-*/*.jsonl 2>/dev/null) data/manifest.json \
     2>/dev/null; ls -la "$OUT"

@@ -71,19 +71,53 @@ evaluate() {   # evaluate RUN MODEL LABEL ATTENTION-ARGS...
         $EVAL_ARGS
 }
 cca=(--attention cca --group-size 16 --window-size "$WINDOW")
+hybrid_layers() {   # the hybrid's full layers: $HYBRID_LAYERS, else the reach step's top layers
+    if [ -n "${HYBRID_LAYERS:-}" ]; then echo "$HYBRID_LAYERS"; return; fi
+    [ -f "$Q/reach.json" ] || one reach
+    $PY -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["top"])))' \
+        "$Q/reach.json"
+}
+one() {   # one RUN: a fine-tune and/or an evaluation of the comparison (train.experiments' names)
+    case $1 in
+        reach)   # which layers' attention reaches furthest in the untouched model
+            step reach $PY -m train.attention_reach --model "$MODEL" --length 4096 \
+                --window "$WINDOW" --top "${HYBRID_TOP:-3}" --json "$Q/reach.json" ;;
+        cca-w$WINDOW-ft) one "cca-w$WINDOW-ft-train"; one "cca-w$WINDOW-ft-eval" ;;
+        cca-w$WINDOW-ft-train)
+            step "finetune-cca-w$WINDOW" $PY -m train.finetune --model "$MODEL" "${cca[@]}" \
+                "${common[@]}" --out "$Q/finetune-cca-w$WINDOW" --overwrite $FT_ARGS ;;
+        cca-w$WINDOW-ft-eval)
+            evaluate "cca-w$WINDOW-ft" "$Q/finetune-cca-w$WINDOW/export" \
+                "CCA w=$WINDOW, fine-tuned" "${cca[@]}" ;;
+        full-ft) one full-ft-train; one full-ft-eval ;;
+        full-ft-train)
+            step finetune-full $PY -m train.finetune --model "$MODEL" --attention full \
+                "${common[@]}" --out "$Q/finetune-full" --overwrite $FT_ARGS ;;
+        full-ft-eval)
+            evaluate full-ft "$Q/finetune-full/export" "full, fine-tuned" --attention full ;;
+        hybrid-w$WINDOW-ft) one "hybrid-w$WINDOW-ft-train"; one "hybrid-w$WINDOW-ft-eval" ;;
+        hybrid-w$WINDOW-ft-train)
+            local layers; layers=$(hybrid_layers)
+            step "finetune-hybrid-w$WINDOW" $PY -m train.finetune --model "$MODEL" "${cca[@]}" \
+                --full-attention-layers "$layers" "${common[@]}" \
+                --out "$Q/finetune-hybrid-w$WINDOW" --overwrite $FT_ARGS ;;
+        hybrid-w$WINDOW-ft-eval)   # the layers come from the exported model's config
+            local layers; layers=$(hybrid_layers)
+            evaluate "hybrid-w$WINDOW-ft" "$Q/finetune-hybrid-w$WINDOW/export" \
+                "hybrid w=$WINDOW (full layers $layers), fine-tuned" "${cca[@]}" ;;
+        full) evaluate full "$MODEL" "full, as is" --attention full ;;
+        cca-w$WINDOW) evaluate "$1" "$MODEL" "CCA w=$WINDOW, no training" "${cca[@]}" ;;
+        *) log "unknown run $1"; exit 2 ;;
+    esac
+}
+# RUNS in order; a name ending in & runs in the background (two processes share the GPU, so
+# XLA_PYTHON_CLIENT_PREALLOCATE=false belongs in RUN_ENV then); "wait" waits for those.
 for run in $RUNS; do
     case $run in
-        cca-w$WINDOW-ft)
-            step "finetune-cca-w$WINDOW" $PY -m train.finetune --model "$MODEL" "${cca[@]}" \
-                "${common[@]}" --out "$Q/finetune-cca-w$WINDOW" --overwrite $FT_ARGS
-            evaluate "$run" "$Q/finetune-cca-w$WINDOW/export" "CCA w=$WINDOW, fine-tuned" "${cca[@]}" ;;
-        full-ft)
-            step finetune-full $PY -m train.finetune --model "$MODEL" --attention full \
-                "${common[@]}" --out "$Q/finetune-full" --overwrite $FT_ARGS
-            evaluate full-ft "$Q/finetune-full/export" "full, fine-tuned" --attention full ;;
-        full) evaluate full "$MODEL" "full, as is" --attention full ;;
-        cca-w$WINDOW) evaluate "$run" "$MODEL" "CCA w=$WINDOW, no training" "${cca[@]}" ;;
-        *) log "unknown run $run"; exit 2 ;;
+        wait) wait ;;
+        *\&) one "${run%&}" & ;;
+        *) one "$run" ;;
     esac
 done
+wait
 log "done"
