@@ -236,12 +236,54 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
 
 def test_a_stopped_finetune_resumes_from_its_checkpoint(tmp_path):
     job = X.ExperimentsJob(model="m", out=tmp_path)
-    folder = X.finetune_dir(tmp_path, "cca", 1024)
-    assert X.finetune_command(job, "cca", 1024)[-1] == "--overwrite"
+    run = X.plan_runs([1024])[0]
+    folder = X.finetune_dir(tmp_path, run)
+    assert folder.name == "finetune-cca-w1024"
+    assert X.finetune_command(job, run)[-1] == "--overwrite"
     (folder / "checkpoints" / "tmp-partial").mkdir(parents=True)   # not a finished step
-    assert X.finetune_command(job, "cca", 1024)[-1] == "--overwrite"
+    assert X.finetune_command(job, run)[-1] == "--overwrite"
     (folder / "checkpoints" / "40").mkdir()
-    assert X.finetune_command(job, "cca", 1024)[-1] == "--resume"
+    assert X.finetune_command(job, run)[-1] == "--resume"
+
+
+def test_a_hybrid_arm_per_window_is_tuned_evaluated_and_compared(tmp_path, capsys):
+    """--hybrid-layers adds, per window, a fine-tune of CCA with full attention in those layers
+    (its own folder; the evaluation reads the layers from its export) that the comparison
+    sets against the control like the CCA arms."""
+    out = tmp_path / "q"
+    argv = ["--model", "m", "--out", str(out), "--windows", "256", "--hybrid-layers", "5,2",
+            "--lengths", "128", "--skip-untrained", "--dry-run"]
+    assert experiments_cli.main(argv) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "python -m" in l]
+    assert len(lines) == 6
+    tuned = [l for l in lines if "train.finetune" in l and "finetune-hybrid-w256 " in l + " "]
+    assert len(tuned) == 1
+    assert "--attention cca --group-size 16 --window-size 256 --full-attention-layers 2,5" in \
+        tuned[0]
+    assert sum("--full-attention-layers" in l for l in lines) == 1
+    assert any(f"--model {out}/finetune-hybrid-w256/export --attention cca" in l
+               and "--label 'hybrid w=256 (full layers 2,5), fine-tuned'" in l for l in lines)
+
+    runs = X.plan_runs([256], (2, 5))
+    lengths = [1024, 8192]
+    results = {"full-ft": fake_results("full, fine-tuned", lengths, [20.0, 10.0], [95.0, 95.0],
+                                       [70.0, 60.0]),
+               "hybrid-w256-ft": fake_results("h", lengths, [20.0, 10.1], [95.0, 85.0],
+                                              [70.0, 60.0])}
+    checks = X.compare(runs, results, ppl_tolerance=0.03, accuracy_tolerance=5.0,
+                       control_floor=90.0)
+    assert checks["hybrid-w256-ft"]["passkey"]["worst_gap_points"] == pytest.approx(-10.0)
+    assert checks["hybrid-w256-ft"]["met"] is False
+    table = X.comparison_table(runs, results, checks, ppl_tolerance=0.03,
+                               accuracy_tolerance=5.0)
+    assert "| hybrid w=256 (full layers 2,5), fine-tuned | 20.00 | 10.10 |" in table
+
+    with pytest.raises(SystemExit) as exit_info:      # argparse: usage error, exit code 2
+        experiments_cli.main(argv[:-1] + ["--hybrid-layers", "2,2", "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "--hybrid-layers: layer 2 is listed more than once" in capsys.readouterr().err
+    with pytest.raises(X.UsageError, match="--hybrid-layers"):
+        X.ExperimentsJob(model="m", hybrid_layers=(-1,))
 
 
 CHILD = """

@@ -5,7 +5,8 @@ For one pretrained model it runs, in this order, each as its own subprocess whos
 is logged to OUT/commands.sh:
 
 1. fine-tunes (`python -m train.finetune`) of full attention (the control) and of CCA with
-   group size g and each local window w, all by the same recipe and data order, each
+   group size g and each local window w (and, with --hybrid-layers, of a hybrid per window:
+   CCA with full attention in those layers), all by the same recipe and data order, each
    followed at once by its evaluation (`python -m train.evaluate`);
 2. evaluations of the model as it is: full attention, and CCA plugged in with no training;
 3. the comparison: OUT/table.md (perplexity, passkey and multi-document QA ranking accuracy
@@ -41,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cca_jax.config import DEFAULT_CCA
+from cca_jax.config import DEFAULT_CCA, check_layer_indices, describe_layers
 from cca_jax.io import atomic_write_text
 from train import statistics
 from train.plots import length_axis, save_figure
@@ -59,19 +60,29 @@ class Run:
     attention: str            # "cca" or "full"
     window: int | None        # CCA window, None for full attention
     finetuned: bool
+    full_layers: tuple[int, ...] = ()   # a hybrid: CCA with full attention in these layers
+
+    @property
+    def kind(self) -> str:
+        """"full", "cca" or "hybrid" (the fine-tune's folder name starts with it)."""
+        return "hybrid" if self.full_layers else self.attention
 
 
-def plan_runs(windows: list[int]) -> list[Run]:
+def plan_runs(windows: list[int], hybrid_layers: tuple[int, ...] = ()) -> list[Run]:
     """Evaluated models, fine-tuned first (the comparison's core), then the untouched model."""
     runs = [Run(f"cca-w{w}-ft", f"CCA w={w}, fine-tuned", "cca", w, True) for w in windows]
+    if hybrid_layers:
+        runs += [Run(f"hybrid-w{w}-ft",
+                     f"hybrid w={w} (full layers {describe_layers(hybrid_layers)}), fine-tuned",
+                     "cca", w, True, tuple(hybrid_layers)) for w in windows]
     runs.append(Run("full-ft", "full, fine-tuned", "full", None, True))
     runs.append(Run("full", "full, as is", "full", None, False))
     runs += [Run(f"cca-w{w}", f"CCA w={w}, no training", "cca", w, False) for w in windows]
     return runs
 
 
-def finetune_dir(out: Path, attention: str, window: int | None) -> Path:
-    return out / ("finetune-full" if attention == "full" else f"finetune-cca-w{window}")
+def finetune_dir(out: Path, run: Run) -> Path:
+    return out / ("finetune-full" if run.kind == "full" else f"finetune-{run.kind}-w{run.window}")
 
 
 def has_checkpoint(folder: Path) -> bool:
@@ -79,13 +90,15 @@ def has_checkpoint(folder: Path) -> bool:
     return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
-def finetune_command(job: ExperimentsJob, attention: str, window: int | None) -> list[str]:
+def finetune_command(job: ExperimentsJob, run: Run) -> list[str]:
     """The fine-tune of one arm; it resumes from its checkpoint when a slice was cut short."""
-    folder = finetune_dir(job.out, attention, window)
+    folder = finetune_dir(job.out, run)
     cmd = [sys.executable, "-m", "train.finetune", "--model", str(job.model),
-           "--attention", attention]
-    if attention == "cca":
-        cmd += ["--group-size", str(job.group_size), "--window-size", str(window)]
+           "--attention", run.attention]
+    if run.attention == "cca":
+        cmd += ["--group-size", str(job.group_size), "--window-size", str(run.window)]
+    if run.full_layers:
+        cmd += ["--full-attention-layers", describe_layers(run.full_layers)]
     cmd += ["--seq-len", str(job.seq_len), "--steps", str(job.steps),
             "--batch-size", str(job.batch_size), "--grad-accum", str(job.grad_accum),
             "--lr", str(job.lr), "--warmup-steps", str(job.warmup_steps),
@@ -95,8 +108,8 @@ def finetune_command(job: ExperimentsJob, attention: str, window: int | None) ->
 
 
 def evaluate_command(job: ExperimentsJob, run: Run) -> list[str]:
-    model = (finetune_dir(job.out, run.attention, run.window) / "export" if run.finetuned
-             else Path(job.model))
+    # A hybrid's export records its full layers (the evaluation reads them from there).
+    model = finetune_dir(job.out, run) / "export" if run.finetuned else Path(job.model)
     cmd = [sys.executable, "-m", "train.evaluate", "--model", str(model),
            "--attention", run.attention]
     if run.attention == "cca":
@@ -469,7 +482,7 @@ def finetune_summary(out: Path, runs: list[Run]) -> str:
     for r in runs:
         if not r.finetuned:
             continue
-        folder = finetune_dir(out, r.attention, r.window)
+        folder = finetune_dir(out, r)
         metrics_file, eval_file = folder / "metrics.jsonl", folder / "eval.jsonl"
         if not metrics_file.is_file():
             continue
@@ -508,6 +521,7 @@ def write_comparison(job: ExperimentsJob, runs: list[Run]) -> str:
     atomic_write_text(job.out / TABLE_FILE, table)
     summary = {"runs": {r.name: {"label": r.label, "attention": r.attention,
                                  "window": r.window, "finetuned": r.finetuned,
+                                 "full_attention_layers": list(r.full_layers),
                                  "evaluated": r.name in results} for r in runs},
                "targets": checks, "ppl_tolerance": job.ppl_tolerance,
                "accuracy_tolerance": job.accuracy_tolerance,
@@ -535,6 +549,7 @@ class ExperimentsJob:
     out: Path = Path("runs/quality")
     group_size: int = DEFAULT_CCA.group_size
     windows: tuple[int, ...] = (256, DEFAULT_CCA.window_size)
+    hybrid_layers: tuple[int, ...] = ()  # a hybrid arm per window: full attention in these
     # fine-tuning (the same for every attention)
     steps: int = 500                    # updates per fine-tune
     seq_len: int = 8192
@@ -561,6 +576,11 @@ class ExperimentsJob:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "windows", tuple(dict.fromkeys(self.windows)))
         object.__setattr__(self, "lengths", tuple(sorted(set(self.lengths))))
+        try:        # the range is checked by the fine-tune, which knows the layer count
+            object.__setattr__(self, "hybrid_layers", check_layer_indices(
+                self.hybrid_layers, name="--hybrid-layers"))
+        except (TypeError, ValueError) as err:
+            raise UsageError(str(err)) from None
         for name in ("group_size", "steps", "seq_len", "batch_size", "grad_accum", "examples",
                      "warmup_steps"):
             if getattr(self, name) < 1:
@@ -595,8 +615,8 @@ def plan_steps(job: ExperimentsJob, runs: list[Run]) -> list[tuple[str, list[str
         done = (job.out / "eval" / run.name / "results.json").is_file()
         if run.finetuned:
             # Not needed once its evaluation exists (its export may be gone by then).
-            folder = finetune_dir(job.out, run.attention, run.window)
-            steps.append((folder.name, finetune_command(job, run.attention, run.window),
+            folder = finetune_dir(job.out, run)
+            steps.append((folder.name, finetune_command(job, run),
                           done or (folder / "export").is_dir()))
         steps.append((f"eval-{run.name}", evaluate_command(job, run), done))
     return steps
@@ -609,7 +629,7 @@ def run(job: ExperimentsJob) -> str | None:
     comparison of what is there; UsageError if the model is not a directory."""
     if not (job.table_only or job.dry_run) and not Path(job.model).is_dir():
         raise UsageError(f"--model: {str(job.model)!r} is not a directory")
-    runs = plan_runs(list(job.windows))
+    runs = plan_runs(list(job.windows), job.hybrid_layers)
     if job.skip_untrained:
         runs = [r for r in runs if r.finetuned]
     if not job.table_only:

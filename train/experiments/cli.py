@@ -1,5 +1,5 @@
-"""Fine-tune a model with CCA (each --windows value) and with full attention by the same
-recipe, evaluate those and the model as it is (full, and CCA with no training), and write the
+"""Fine-tune a model with CCA (each --windows value; with --hybrid-layers also a hybrid per
+window) and with full attention by the same recipe, evaluate those and the model as it is (full, and CCA with no training), and write the
 comparison (table.md, summary.json, comparison.png) into --out. Finished steps are skipped, so
 a rerun continues an interrupted comparison.
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from cca_jax import command_line
-from cca_jax.config import DEFAULT_CCA
+from cca_jax.config import DEFAULT_CCA, layer_indices_argument
 from train import experiments
 
 
@@ -31,6 +31,9 @@ def build_parser():
                    help="CCA local windows w to compare (default: the paper's "
                         f"{DEFAULT_CCA.window_size} and a quarter of it, to see what a "
                         "smaller window costs)")
+    p.add_argument("--hybrid-layers", type=layer_indices_argument, metavar="I,J,...",
+                   help="also a hybrid arm per window: CCA with full attention in these layers "
+                        "(e.g. the top layers of python -m train.attention_reach)")
     g = p.add_argument_group("fine-tuning (the same for every attention)")
     g.add_argument("--steps", type=int, help="optimizer updates per fine-tune")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence")
