@@ -16,6 +16,8 @@ import sys
 import types
 from typing import TypeVar
 
+from cca_jax.config import parse_layer_indices
+
 Job = TypeVar("Job")
 
 
@@ -46,6 +48,15 @@ def parser(module: str, doc: str, formatter_class=argparse.HelpFormatter,
         p.set_defaults(**{name: list(value) if isinstance(value, tuple) else value
                           for name, value in vars(defaults(job)).items()})
     return p
+
+
+def layer_indices_argument(text: str) -> tuple[int, ...]:
+    """`cca_jax.config.parse_layer_indices` as an argparse `type=` ("3,11", "none"): argparse
+    names the flag in its error."""
+    try:
+        return parse_layer_indices(text, flag=None)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def defaults(job_type: type) -> types.SimpleNamespace:

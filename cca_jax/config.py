@@ -24,7 +24,6 @@ validated by `check_layer_indices` and parsed from the command line by
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import numbers
@@ -114,14 +113,6 @@ def parse_layer_indices(text: str, flag: str | None = "--full-attention-layers"
     if repeated:
         raise ValueError(f"{prefix}layer {repeated[0]} is listed more than once in {text!r}")
     return tuple(sorted(indices))
-
-
-def layer_indices_argument(text: str) -> tuple[int, ...]:
-    """`parse_layer_indices` as an argparse `type=`: argparse names the flag in its error."""
-    try:
-        return parse_layer_indices(text, flag=None)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def describe_layers(indices: Iterable[int]) -> str:

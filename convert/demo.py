@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable; default: two built-in prompts)")
     args = parser.parse_args(argv)
 
-    from cca_jax import convert as convert_cli
+    from cca_jax.convert import cli as convert_cli
     from cca_jax import from_pretrained
     from cca_jax.generate import greedy_generate_uncached
     from cca_jax.loading import load_tokenizer

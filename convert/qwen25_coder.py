@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-from cca_jax.convert import DEFAULT_CHECK_TOLERANCE, add_check_arguments
+from cca_jax.convert import DEFAULT_CHECK_TOLERANCE
+from cca_jax.convert.cli import add_check_arguments
 from convert.gguf_hf import output_parser, prepare_output, write_hf_dir_from_gguf
 from cca_jax.io import atomic_directory, atomic_file
 from convert.parts import BLOCK

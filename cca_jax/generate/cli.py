@@ -26,8 +26,8 @@ import jax
 import numpy as np
 
 from cca_jax import command_line
-from cca_jax.config import (DEFAULT_CCA, CCAConfig, check_layer_indices, describe_layers,
-                            layer_indices_argument)
+from cca_jax.command_line import layer_indices_argument
+from cca_jax.config import DEFAULT_CCA, CCAConfig, check_layer_indices, describe_layers
 from cca_jax.generate import CachedGeneration, GenerationStats, Sampling, _check_max_new_tokens
 from cca_jax.llama import check_token_ids
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cca_jax import convert as cli
+from cca_jax.convert import cli
 from cca_jax.loading import from_pretrained
 from cca_jax import hf, io
 from cca_jax.converted import is_converted_dir
@@ -262,8 +262,8 @@ CONVERTER = textwrap.dedent("""
         return names
 
     checkpoint.copy_tokenizer_files = copy_then_wait
-    from cca_jax import convert
-    sys.exit(convert.main(sys.argv[1:]))
+    from cca_jax.convert import cli
+    sys.exit(cli.main(sys.argv[1:]))
 """)
 
 

@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from cca_jax import convert as cli
+from cca_jax.convert import cli
 from cca_jax.loading import from_pretrained
 from cca_jax import hf
 from cca_jax.converted import is_converted_dir, load_converted

@@ -19,7 +19,7 @@ NEW_TOKENS = 20
 @pytest.fixture(scope="module")
 def smollm2_dirs(smollm2_hf_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
-    from cca_jax import convert as convert_cli
+    from cca_jax.convert import cli as convert_cli
     assert convert_cli.main([str(smollm2_hf_dir), str(root / "cca")]) == 0
     return smollm2_hf_dir, root / "cca"
 

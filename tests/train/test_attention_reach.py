@@ -17,6 +17,7 @@ from flax import nnx
 from cca_jax import LlamaConfig, LlamaForCausalLM
 from cca_jax.config import parse_layer_indices
 from train import attention_reach as R
+from train.attention_reach import cli as reach_cli
 
 
 def _dense_far_share(q, k, window):
@@ -93,7 +94,7 @@ def test_cli_prints_the_table_and_the_flag_value(tiny, tmp_path, capsys):
     argv = ["--model", str(tiny.model), "--length", "64", "--window", "16", "--top", "1",
             "--samples", "2", "--sources", "--files", *map(str, tiny.eval), "--chunk", "24",
             "--json", str(out)]
-    assert R.main(argv) == 0
+    assert reach_cli.main(argv) == 0
     stdout = capsys.readouterr().out
     flag_line = stdout.strip().splitlines()[-1]
     assert flag_line.startswith("--full-attention-layers ")
@@ -105,10 +106,10 @@ def test_cli_prints_the_table_and_the_flag_value(tiny, tmp_path, capsys):
     for index in range(2):
         assert f"\n{index:>5}  " in stdout
     # Errors before the model is loaded.
-    assert R.main(argv[:2] + ["--length", "16", "--window", "16"]) == 2
+    assert reach_cli.main(argv[:2] + ["--length", "16", "--window", "16"]) == 2
     assert "leaves no query" in capsys.readouterr().err
-    assert R.main(argv[:2] + ["--length", "4096", "--top", "1", "--sources", "--files",
+    assert reach_cli.main(argv[:2] + ["--length", "4096", "--top", "1", "--sources", "--files",
                               str(tiny.eval[0])]) == 2
     assert "no held-out document has --length 4096 tokens" in capsys.readouterr().err
-    assert R.main(argv[:2] + ["--top", "3", "--sources", "--files", str(tiny.eval[0])]) == 2
+    assert reach_cli.main(argv[:2] + ["--top", "3", "--sources", "--files", str(tiny.eval[0])]) == 2
     assert "--top 3 exceeds the model's 2 layers" in capsys.readouterr().err

@@ -12,7 +12,8 @@ runs it with `train.evaluate.run`, and prints the table of the results. Bad inpu
 import sys
 
 from cca_jax import command_line
-from cca_jax.config import DEFAULT_CCA, layer_indices_argument
+from cca_jax.command_line import layer_indices_argument
+from cca_jax.config import DEFAULT_CCA
 from train import evaluate
 from train.corpora import KJV_HELDOUT_BOOKS
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from cca_jax import command_line
-from cca_jax.config import DEFAULT_CCA, layer_indices_argument
+from cca_jax.command_line import layer_indices_argument
+from cca_jax.config import DEFAULT_CCA
 from train import experiments
 
 

@@ -11,7 +11,8 @@ directory, 130 stopped by SIGINT/SIGTERM with a checkpoint.
 import sys
 
 from cca_jax import command_line
-from cca_jax.config import DEFAULT_CCA, layer_indices_argument
+from cca_jax.command_line import layer_indices_argument
+from cca_jax.config import DEFAULT_CCA
 from train import finetune
 
 D = command_line.defaults(finetune.FinetuneJob)
