@@ -106,18 +106,28 @@ def test_halo_length_is_w_plus_g_minus_2_in_whole_groups():
         halo_length(4, 1.5)
 
 
-def _check_sharded_equals_unsharded(cases):
+@pytest.fixture(scope="module")
+def sharded_run() -> subprocess.CompletedProcess:
+    """Every case of CASES, the XLA and the Pallas ones, in one process with 8 CPU devices
+    (the two tests below share its interpreter and jax start-up)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], env=env,
+    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _check_sharded_equals_unsharded(proc, impl):
+    """The results of the cases of `impl` ("xla" or "pallas") in the shared run."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == len(cases)
-    for case, got in zip(cases, results):
+    assert len(results) == len(CASES)
+    checked = [(case, got) for case, got in zip(CASES, results)
+               if case.get("impl", "xla") == impl]
+    assert checked
+    for case, got in checked:
         assert got["forward"] < 1e-5, (case, got)
         assert max(got["grads"]) < 1e-4, (case, got)
         # Core tokens travel by all-gather; halos by ppermute (none when the halo is empty).
@@ -126,13 +136,13 @@ def _check_sharded_equals_unsharded(cases):
         assert (got["permutes"] > 0) == (halo_length(g, w) > 0), (case, got)
 
 
-def test_sharded_equals_unsharded_forward_and_gradients():
-    _check_sharded_equals_unsharded([c for c in CASES if c.get("impl", "xla") == "xla"])
+def test_sharded_equals_unsharded_forward_and_gradients(sharded_run):
+    _check_sharded_equals_unsharded(sharded_run, "xla")
 
 
-def test_sharded_pallas_kernels_equal_unsharded():
+def test_sharded_pallas_kernels_equal_unsharded(sharded_run):
     """The kernels per shard, in interpret mode (about a minute on 2 CPU cores)."""
-    _check_sharded_equals_unsharded([c for c in CASES if c.get("impl") == "pallas"])
+    _check_sharded_equals_unsharded(sharded_run, "pallas")
 
 
 def test_zigzag_order_and_the_balance_it_buys():
