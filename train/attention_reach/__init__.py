@@ -27,10 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cca_jax.config import describe_layers
 from cca_jax.io import atomic_write_text
 from train.eval_tasks import PPL_SOURCES
 
 DEFAULT_CHUNK = 512
+DTYPES = ("auto", "float32", "bfloat16")   # auto: bfloat16 on a GPU, float32 elsewhere
 
 
 class UsageError(ValueError):
@@ -136,8 +138,8 @@ class ReachJob:
         if self.length <= self.window + 1:
             raise UsageError(f"--length {self.length} leaves no query more than --window "
                              f"{self.window} positions past a key; use --length > window + 1")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise UsageError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         unknown = [s for s in self.sources if s not in PPL_SOURCES]
         if unknown:
             raise UsageError(f"--sources: unknown {unknown}; choose from {list(PPL_SOURCES)}")
@@ -217,7 +219,7 @@ def report_table(report: dict) -> str:
     for index, row in enumerate(heads):
         mark = "  *" if index in chosen else ""
         lines.append(f"{index:>5}  {row.mean():6.3f}  {row.min():8.3f}  {row.max():8.3f}{mark}")
-    flag = ",".join(map(str, chosen))
+    flag = describe_layers(chosen)
     lines += [f"the {len(chosen)} layer(s) reaching furthest: {flag}",
               f"--full-attention-layers {flag}"]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ def build_parser():
     p.add_argument("--files", nargs="*", metavar="FILE",
                    help="extra held-out text files, one document each")
     p.add_argument("--chunk", type=int, help="queries per block of attention probabilities")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
+    p.add_argument("--dtype", choices=attention_reach.DTYPES,
                    help="compute dtype (auto: bfloat16 on a GPU, float32 elsewhere)")
     p.add_argument("--json", metavar="FILE", help="also write the per-layer, per-head shares here")
     return p
