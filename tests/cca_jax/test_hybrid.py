@@ -108,9 +108,13 @@ def test_training_forward_all_full_none_and_mixed(weights):
 
     ours_grad = jax.jit(jax.grad(our_loss))(state, ids, cot)
     reference_grad = jax.jit(jax.grad(loss))(state, ids, cot)
+    # Within float32 rounding of each leaf's scale: entries reach ~60 here, and the two
+    # programs sum in different orders (measured: 1.4e-6 of the largest entry with XLA's
+    # default CPU settings, 5e-7 with the suite's, bit-identical with some others).
     for a, b in zip(jax.tree_util.tree_leaves(ours_grad),
                     jax.tree_util.tree_leaves(reference_grad)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
 def _batch(prompts, side):
