@@ -224,7 +224,7 @@ def test_smollm2_cca_cache_is_exact(smollm2_dir, smollm2_prompts):
     decoding (c(m) > 0 from m = 39), both rows cross group boundaries."""
     from cca_jax import from_pretrained
     model = from_pretrained(smollm2_dir, attention="cca", group_size=8, window_size=32,
-                            dtype="float32")
+                            dtype="float32", param_dtype="float32")
     worst = _check_against_oracle(model, smollm2_prompts, 30, "left")
     print(f"SmolLM2-135M: max |logit difference| {worst:.2e}")
     assert worst < TOLERANCE, worst

@@ -46,7 +46,7 @@ def test_greedy_tokens_identical_to_transformers(smollm2_dirs, transformers_gree
     ours_ids = tokenizer(PROMPT, return_tensors="np")["input_ids"]
     np.testing.assert_array_equal(ours_ids, prompt_ids)
     model = from_pretrained(hf_dir if source == "hf" else cca_dir, attention="full",
-                            dtype="float32")
+                            dtype="float32", param_dtype="float32")
     got = greedy_generate_uncached(model, prompt_ids, NEW_TOKENS)
     np.testing.assert_array_equal(got, expected)
     assert tokenizer.decode(got[0, prompt_ids.shape[1]:]).startswith(" Paris")
@@ -57,7 +57,7 @@ def test_cca_with_prompt_inside_window_is_exactly_full_attention(smollm2_dirs,
     _, cca_dir = smollm2_dirs
     prompt_ids, expected = transformers_greedy
     model = from_pretrained(cca_dir, attention="cca", group_size=16, window_size=1024,
-                            dtype="float32")
+                            dtype="float32", param_dtype="float32")
     np.testing.assert_array_equal(greedy_generate_uncached(model, prompt_ids, NEW_TOKENS),
                                   expected)
 
